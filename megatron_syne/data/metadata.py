@@ -10,8 +10,11 @@ rewrites only this small file, never the .bin.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping, Sequence
+import struct
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,43 @@ CORE_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
+HASH_DIGEST_BYTES = 16  # 128-bit blake2b: collision-free in practice for 1e12 documents
+
+
+def normalize_for_hash(text: str) -> str:
+    """The text the ``hash`` column digests: Unicode NFC, whitespace runs collapsed, stripped.
+
+    Two documents that differ only in whitespace or Unicode composition are exact duplicates.
+    """
+    return unicodedata.normalize("NFC", " ".join(text.split()))
+
+
+def text_hash(text: str) -> str:
+    """Hex digest (32 characters) of :func:`normalize_for_hash` ``(text)`` (UTF-8, blake2b-128).
+
+    Raises UnicodeEncodeError for text that is not valid Unicode (lone surrogates).
+    """
+    data = normalize_for_hash(text).encode("utf-8")
+    return hashlib.blake2b(data, digest_size=HASH_DIGEST_BYTES).hexdigest()
+
+
+def metadata_schema(extra_string_columns: Iterable[str] = ()) -> pa.Schema:
+    """Schema of a freshly preprocessed sidecar: the core columns, then extra string columns
+    (input metadata keys other than lang/source/topic), in the order given."""
+    fields = [pa.field(name, dtype) for name, dtype in CORE_COLUMNS.items()]
+    fields += [pa.field(name, pa.string()) for name in extra_string_columns]
+    return pa.schema(fields)
+
+
+def hashes_as_uint64(hashes: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
+    """``[N, 2]`` uint64 view of hex ``hash`` values, for vectorised exact-duplicate detection."""
+    values = hashes.to_pylist() if isinstance(hashes, pa.Array | pa.ChunkedArray) else hashes
+    if len(values) == 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    raw = bytes.fromhex("".join(values))
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(len(values), 2)
+
+
 class MetadataError(ValueError):
     """Metadata missing, misaligned with its index, or malformed. The message says the fix."""
 
@@ -44,16 +84,20 @@ def metadata_path(prefix: str | os.PathLike) -> Path:
 
 
 def index_document_count(prefix: str | os.PathLike) -> int:
-    """Number of documents in ``<prefix>.idx`` (read from its header, without loading the .bin)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    """Number of documents in ``<prefix>.idx``, read from its header (no .bin, no torch import)."""
     idx_path = Path(f"{prefix}.idx")
     if not idx_path.exists():
         raise MetadataError(
             f"{idx_path}: index file not found; run tools/preprocess/preprocess_data.py"
         )
-    dataset = IndexedDataset(str(prefix), mmap=True)
-    return len(dataset.document_indices) - 1
+    # megatron-core MMIDIDX layout: 9-byte magic, <Q version, <B dtype code, <Q sequence count,
+    # <Q document count (= documents + 1: document_indices starts with 0).
+    with open(idx_path, "rb") as f:
+        header = f.read(34)
+    if len(header) < 34 or header[:9] != b"MMIDIDX\x00\x00":
+        raise MetadataError(f"{idx_path}: not a Megatron MMIDIDX index file")
+    (document_count,) = struct.unpack("<Q", header[26:34])
+    return document_count - 1
 
 
 def read_metadata(

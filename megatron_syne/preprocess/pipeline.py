@@ -1,0 +1,595 @@
+"""Raw text -> Megatron ``.bin/.idx`` + metadata sidecar: parallel, lossless, resumable.
+
+How a run is laid out (see docs/readme/preprocessing.md):
+
+1. Inputs (files, globs, directories) are listed in sorted order; with ``num_shards > 1`` this
+   process keeps its slice of the files (a Slurm array task = one shard).
+2. Files are cut into work units (readers.plan_units). Each worker process reads its units
+   straight from disk, validates records, tokenizes them in batches with the tokenizer's native
+   ``encode_batch`` and writes the unit as a small indexed dataset with its own metadata and
+   rejects under ``<prefix>.parts/`` (temporary names, renamed, then a ``.done.json`` manifest).
+3. When every unit is done, the units are concatenated in unit order (optionally dropping exact
+   duplicates) into the final files, written under temporary names and renamed.
+
+A run killed at any moment and restarted with the same arguments reuses the finished units
+(their manifests carry a fingerprint of every setting and input that determines their bytes) and
+produces output byte-identical to an uninterrupted run. The unit layout (how finely files are
+cut) may follow the worker count, the final bytes never do: documents are concatenated in input
+order and the metadata is written in fixed-size row groups.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from megatron_syne.data.metadata import metadata_path, metadata_schema
+from megatron_syne.preprocess.documents import (
+    Document,
+    RejectReason,
+    ValidationConfig,
+    Validator,
+    reject_record,
+)
+from megatron_syne.preprocess.indexed import (
+    TokenBinWriter,
+    bin_path,
+    idx_path,
+    merge_indexed,
+    optimal_dtype,
+    write_index,
+)
+from megatron_syne.preprocess.merge import exact_duplicates
+from megatron_syne.preprocess.readers import (
+    InputError,
+    WorkUnit,
+    assign_shard,
+    discover_inputs,
+    iter_jsonl_lines,
+    iter_parquet_rows,
+    parquet_columns,
+    plan_units,
+)
+from megatron_syne.preprocess.tokenizers import TokenizerSpec
+from megatron_syne.utils.io import atomic_open, atomic_path
+
+CORE_METADATA_KEYS = ("lang", "source", "topic")
+MIN_UNIT_BYTES = 256 << 10
+FORMAT_VERSION = 1  # bump when unit output bytes change, so stale partitions are redone
+
+
+class PreprocessError(RuntimeError):
+    """The run cannot finish (too many rejects, bad inputs); the message says what to do."""
+
+
+def slurm_shard_defaults(environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """(num_shards, shard_index) of a Slurm array task, or (1, 0) outside one.
+
+    Uses SLURM_ARRAY_TASK_COUNT and SLURM_ARRAY_TASK_ID (offset by SLURM_ARRAY_TASK_MIN, so
+    ``--array=1-16`` and ``--array=0-15`` both give indices 0..15).
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return 1, 0
+    count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return count, index
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of one preprocessing run (command-line flags map one to one onto fields)."""
+
+    input: tuple[str, ...]
+    output_prefix: str
+    json_keys: tuple[str, ...] = ("text",)
+    tokenizer_type: str = "Llama3Tokenizer"
+    tokenizer_model: str | None = None
+    append_eod: bool = False
+    prepend_bos: bool = False
+    workers: int = 1
+    partitions: int = 1  # split each plain JSONL file into at least this many units
+    partition_bytes: int = 64 << 20  # target input bytes per unit
+    batch_size: int = 512  # documents per encode_batch call
+    metadata_keys: tuple[str, ...] = CORE_METADATA_KEYS
+    metadata_defaults: tuple[tuple[str, str], ...] = ()
+    max_chars: int = 5_000_000
+    max_reject_fraction: float = 0.01
+    dedup: str | None = None  # None or "exact"
+    num_shards: int = 1
+    shard_index: int = 0
+    keep_partitions: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.input = tuple(self.input) if not isinstance(self.input, str) else (self.input,)
+        self.json_keys = tuple(self.json_keys)
+        self.metadata_keys = tuple(self.metadata_keys)
+        self.metadata_defaults = tuple((str(k), str(v)) for k, v in self.metadata_defaults)
+        if not self.input:
+            raise ValueError("--input: give at least one file, glob or directory")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.partitions < 1:
+            raise ValueError(f"--partitions must be >= 1, got {self.partitions}")
+        if self.partition_bytes < 1 << 16:
+            raise ValueError("--partition-bytes must be at least 64 KiB")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError("--max-reject-fraction must be in [0, 1]")
+        if self.dedup not in (None, "none", "exact"):
+            raise ValueError(f"--dedup must be 'exact' or 'none', got {self.dedup!r}")
+        if self.dedup == "none":
+            self.dedup = None
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(
+                f"--shard-index {self.shard_index} is outside [0, --num-shards {self.num_shards})"
+            )
+        unknown = {k for k, _ in self.metadata_defaults} - set(self.metadata_keys)
+        if unknown:
+            raise ValueError(f"--metadata-defaults for keys not in --metadata-keys: {unknown}")
+        self.validation  # noqa: B018 -- validates json/metadata keys and max_chars
+        TokenizerSpec(self.tokenizer_type, self.tokenizer_model)
+
+    @property
+    def validation(self) -> ValidationConfig:
+        return ValidationConfig(
+            self.json_keys, self.metadata_keys, self.metadata_defaults, self.max_chars
+        )
+
+    @property
+    def shard_prefix(self) -> str:
+        """The output prefix of this shard (``--output-prefix`` itself when not sharded)."""
+        if self.num_shards == 1:
+            return self.output_prefix
+        return f"{self.output_prefix}-shard{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+    def dataset_prefix(self, key: str) -> str:
+        """Megatron's naming: ``<output-prefix>_<json-key>_document`` (the --data-path)."""
+        return f"{self.shard_prefix}_{key}_document"
+
+    @property
+    def rejects_path(self) -> Path:
+        return Path(f"{self.shard_prefix}.rejects.jsonl")
+
+    @property
+    def parts_dir(self) -> Path:
+        return Path(f"{self.shard_prefix}.parts")
+
+    @property
+    def extra_metadata_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in self.metadata_keys if k not in CORE_METADATA_KEYS)
+
+
+@dataclass
+class UnitStats:
+    """Counts for one work unit (records = input lines or Parquet rows)."""
+
+    records: int = 0
+    documents: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)  # per json key, EOD/BOS included
+    characters: dict[str, int] = field(default_factory=dict)
+    rejects: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def add(self, other: UnitStats) -> None:
+        self.records += other.records
+        self.documents += other.documents
+        for mine, theirs in (
+            (self.tokens, other.tokens),
+            (self.characters, other.characters),
+            (self.rejects, other.rejects),
+        ):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    unit: WorkUnit
+    parts_dir: str
+    fingerprint: str
+    config: PreprocessConfig
+    dtype: str
+
+
+@dataclass
+class PreprocessSummary:
+    output_prefixes: dict[str, str]  # json key -> dataset prefix
+    rejects_path: str
+    files: int
+    units: int
+    units_reused: int
+    stats: UnitStats
+    duplicates: int
+    seconds: float
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.stats.rejects.values())
+
+    def format(self) -> str:
+        key = next(iter(self.output_prefixes))
+        tokens = self.stats.tokens.get(key, 0)
+        lines = [
+            f"inputs: {self.files} files in {self.units} units "
+            f"({self.units_reused} reused from an interrupted run)",
+            f"records: {self.stats.records:,}  documents written: "
+            f"{self.stats.documents - self.duplicates:,}  "
+            f"rejected: {self.rejected:,}  duplicates dropped: {self.duplicates:,}",
+        ]
+        for reason, count in sorted(self.stats.rejects.items()):
+            lines.append(f"  reject {reason}: {count:,}")
+        for k, prefix in self.output_prefixes.items():
+            lines.append(f"{k}: {self.stats.tokens.get(k, 0):,} tokens -> {prefix}.bin/.idx")
+        lines.append(f"rejects: {self.rejects_path}")
+        rate = tokens / self.seconds if self.seconds > 0 else 0.0
+        lines.append(f"time: {self.seconds:.1f} s ({rate:,.0f} tokens/s)")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_WORKER: dict = {}
+
+
+def _init_worker(counters, single_threaded: bool) -> None:
+    if single_threaded:
+        # One process per core already: native thread pools would only oversubscribe.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["RAYON_NUM_THREADS"] = "1"
+    _WORKER["counters"] = counters
+
+
+def _tokenizer(config: PreprocessConfig):
+    key = (config.tokenizer_type, config.tokenizer_model)
+    if _WORKER.get("tokenizer_key") != key:
+        _WORKER["tokenizer"] = TokenizerSpec(*key).load()
+        _WORKER["tokenizer_key"] = key
+    return _WORKER["tokenizer"]
+
+
+def _unit_prefix(parts_dir: str | Path, unit: WorkUnit, key: str) -> Path:
+    return Path(parts_dir) / f"{unit.name}_{key}_document"
+
+
+def _unit_rejects(parts_dir: str | Path, unit: WorkUnit) -> Path:
+    return Path(parts_dir) / f"{unit.name}.rejects.jsonl"
+
+
+def _unit_manifest(parts_dir: str | Path, unit: WorkUnit) -> Path:
+    return Path(parts_dir) / f"{unit.name}.done.json"
+
+
+def _iter_unit_records(unit: WorkUnit, validator: Validator, config: PreprocessConfig):
+    """Documents and reject records of a unit, in input order."""
+    if unit.fmt == "parquet":
+        columns = parquet_columns(unit.path)
+        missing = [k for k in config.json_keys if k not in columns]
+        if missing:
+            raise InputError(
+                f"{unit.path}: Parquet file has no column {missing} (columns: {columns}); "
+                "pass the text column with --json-keys"
+            )
+        for records in iter_parquet_rows(
+            unit, list(config.json_keys) + list(config.metadata_keys), config.batch_size
+        ):
+            for record in records:
+                yield validator.from_record(record.pop("__line__"), record)
+        return
+    for line in iter_jsonl_lines(unit):
+        if line.truncated:
+            yield reject_record(
+                unit.path,
+                line.number,
+                RejectReason.TRUNCATED_STREAM,
+                f"compressed stream ends before its end marker after line {line.number - 1}; "
+                "this is the partial last line, the rest of the file is missing: "
+                "re-copy or re-download the file",
+                line.raw,
+            )
+        else:
+            yield validator.from_line(line.number, line.raw)
+
+
+def process_unit(task: UnitTask) -> UnitStats:
+    """Tokenize one work unit into ``<parts>/<unit>_<key>_document.{bin,idx,meta.parquet}``."""
+    config, unit = task.config, task.unit
+    tokenizer = _tokenizer(config)
+    dtype = np.dtype(task.dtype).type
+    validator = Validator(config.validation, unit.path)
+    counters = _WORKER.get("counters")
+    stats = UnitStats(
+        tokens={k: 0 for k in config.json_keys}, characters={k: 0 for k in config.json_keys}
+    )
+    rejects: Counter[str] = Counter()
+    columns = {
+        k: {name: [] for name in metadata_schema(config.extra_metadata_keys).names}
+        for k in config.json_keys
+    }
+    prefixes = {k: _unit_prefix(task.parts_dir, unit, k) for k in config.json_keys}
+
+    with contextlib.ExitStack() as stack:
+        tmp_bins = {k: stack.enter_context(atomic_path(bin_path(p))) for k, p in prefixes.items()}
+        writers = {k: TokenBinWriter(tmp_bins[k], dtype) for k in config.json_keys}
+        reject_file = stack.enter_context(
+            atomic_open(_unit_rejects(task.parts_dir, unit), "w", encoding="utf-8")
+        )
+        pending: list[Document] = []
+
+        def flush() -> None:
+            first_key_tokens = stats.tokens[config.json_keys[0]]
+            for i, key in enumerate(config.json_keys):
+                texts = [d.texts[i] for d in pending]
+                encoded = tokenizer.encode_batch(texts)
+                if config.prepend_bos:
+                    encoded = [[tokenizer.bos, *ids] for ids in encoded]
+                if config.append_eod:
+                    for ids in encoded:
+                        ids.append(tokenizer.eod)
+                writers[key].add_documents(encoded)
+                n_tokens = [len(ids) for ids in encoded]
+                n_chars = [len(t) for t in texts]
+                stats.tokens[key] += sum(n_tokens)
+                stats.characters[key] += sum(n_chars)
+                col = columns[key]
+                for name in config.metadata_keys:
+                    col[name].extend(d.metadata[name] for d in pending)
+                col["n_tokens"].extend(n_tokens)
+                col["n_chars"].extend(n_chars)
+                col["hash"].extend(d.hashes[i] for d in pending)
+                col["input_file"].extend([unit.path] * len(pending))
+                col["input_line"].extend(d.line for d in pending)
+            stats.documents += len(pending)
+            if counters is not None:
+                with counters.get_lock():
+                    counters[0] += len(pending)
+                    counters[1] += stats.tokens[config.json_keys[0]] - first_key_tokens
+            pending.clear()
+
+        for item in _iter_unit_records(unit, validator, config):
+            stats.records += 1
+            if isinstance(item, Document):
+                pending.append(item)
+                if len(pending) >= config.batch_size:
+                    flush()
+            else:
+                rejects[item["reason"]] += 1
+                reject_file.write(json.dumps(item, ensure_ascii=False) + "\n")
+        if pending:
+            flush()
+        for writer in writers.values():
+            writer.close()
+        for key, prefix in prefixes.items():
+            lengths = writers[key].lengths
+            with atomic_path(idx_path(prefix)) as tmp_idx:
+                write_index(tmp_idx, dtype, lambda lengths=lengths: iter([lengths]))
+            schema = metadata_schema(config.extra_metadata_keys)
+            for name in CORE_METADATA_KEYS:
+                if name not in config.metadata_keys:
+                    columns[key][name] = [None] * stats.documents
+            table = pa.table(columns[key], schema=schema)
+            with atomic_path(metadata_path(prefix)) as tmp_meta:
+                pq.write_table(table, tmp_meta, compression="zstd")
+    # The manifest is written last: its presence means every file above is complete.
+    stats.rejects = dict(sorted(rejects.items()))
+    with atomic_open(_unit_manifest(task.parts_dir, unit), "w") as f:
+        json.dump({"fingerprint": task.fingerprint, "stats": asdict(stats)}, f)
+    return stats
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def _file_identity(path: str) -> dict:
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _unit_fingerprint(config: PreprocessConfig, unit: WorkUnit, tokenizer_files: list) -> str:
+    determining = {
+        "format_version": FORMAT_VERSION,
+        "unit": asdict(unit),
+        "input": _file_identity(unit.path),
+        "tokenizer": [config.tokenizer_type, tokenizer_files],
+        "json_keys": config.json_keys,
+        "append_eod": config.append_eod,
+        "prepend_bos": config.prepend_bos,
+        "batch_size": config.batch_size,
+        "metadata_keys": config.metadata_keys,
+        "metadata_defaults": config.metadata_defaults,
+        "max_chars": config.max_chars,
+    }
+    blob = json.dumps(determining, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _tokenizer_files(config: PreprocessConfig) -> list:
+    if config.tokenizer_model is None:
+        from megatron_syne.preprocess.tokenizers import llama3_tokenizer_json
+
+        return [_file_identity(str(llama3_tokenizer_json()))]
+    path = Path(config.tokenizer_model)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return [_file_identity(str(p)) for p in files if p.is_file()]
+
+
+def _unit_is_done(task: UnitTask) -> UnitStats | None:
+    manifest = _unit_manifest(task.parts_dir, task.unit)
+    if not manifest.is_file():
+        return None
+    try:
+        record = json.loads(manifest.read_text())
+    except ValueError:
+        return None
+    if record.get("fingerprint") != task.fingerprint:
+        return None
+    for key in task.config.json_keys:
+        prefix = _unit_prefix(task.parts_dir, task.unit, key)
+        if not all(
+            p.is_file() for p in (bin_path(prefix), idx_path(prefix), metadata_path(prefix))
+        ):
+            return None
+    return UnitStats(**record["stats"])
+
+
+def _remove_stale_temporaries(directory: Path, names: list[str]) -> None:
+    """Temporary files a killed run left behind (``.<name>.<random>.tmp``)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.endswith(".tmp") and any(entry.name.startswith(f".{n}.") for n in names):
+            entry.unlink(missing_ok=True)
+
+
+def _run_units(tasks: list[UnitTask], config: PreprocessConfig) -> list[UnitStats]:
+    """Process units (largest first) with ``config.workers`` processes; results in task order."""
+    results: list[UnitStats | None] = [None] * len(tasks)
+    total_docs = 0
+    progress = None
+    if config.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(tasks), unit="unit", desc="preprocess", dynamic_ncols=True)
+    order = sorted(range(len(tasks)), key=lambda i: (-tasks[i].unit.size, i))
+    if config.workers == 1:
+        _init_worker(None, single_threaded=False)
+        for i in order:
+            results[i] = process_unit(tasks[i])
+            total_docs += results[i].documents
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(docs=total_docs)
+    else:
+        context = mp.get_context("spawn")
+        counters = context.Array("q", 2)
+        with cf.ProcessPoolExecutor(
+            max_workers=min(config.workers, max(len(tasks), 1)),
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(counters, True),
+        ) as pool:
+            futures = {pool.submit(process_unit, tasks[i]): i for i in order}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = cf.wait(pending, timeout=0.5)
+                    for future in done:
+                        results[futures[future]] = future.result()
+                        if progress is not None:
+                            progress.update(1)
+                    if progress is not None:
+                        progress.set_postfix(docs=counters[0], tokens=counters[1], refresh=False)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    if progress is not None:
+        progress.close()
+    return results  # type: ignore[return-value]
+
+
+def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Run (or resume) preprocessing; returns the summary. See the module docstring."""
+    start_time = time.perf_counter()
+    files = assign_shard(discover_inputs(list(config.input)), config.num_shards, config.shard_index)
+    unit_bytes = config.partition_bytes
+    if config.workers > 1:
+        # Enough units to keep every worker busy (about 4 each): the split changes no output
+        # byte, only the resume granularity.
+        total_bytes = sum(os.path.getsize(path) for path in files)
+        unit_bytes = min(unit_bytes, max(MIN_UNIT_BYTES, -(-total_bytes // (4 * config.workers))))
+    units: list[WorkUnit] = []
+    for path in files:
+        per_file = unit_bytes
+        if config.partitions > 1:
+            per_file = min(per_file, max(os.path.getsize(path) // config.partitions + 1, 1 << 16))
+        base = len(units)
+        units += [replace(u, index=base + i) for i, u in enumerate(plan_units([path], per_file))]
+    tokenizer = _tokenizer(config)  # fails early on a bad tokenizer; cached for workers=1
+    dtype = np.dtype(optimal_dtype(tokenizer.vocab_size)).name
+    tokenizer_files = _tokenizer_files(config)
+
+    parts_dir = config.parts_dir
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(parts_dir, [u.name for u in units])
+    final_names = [Path(config.dataset_prefix(k)).name for k in config.json_keys]
+    final_names.append(config.rejects_path.name)
+    _remove_stale_temporaries(config.parts_dir.parent, final_names)
+
+    tasks = [
+        UnitTask(u, str(parts_dir), _unit_fingerprint(config, u, tokenizer_files), config, dtype)
+        for u in units
+    ]
+    done = {i: stats for i, t in enumerate(tasks) if (stats := _unit_is_done(t)) is not None}
+    todo = [t for i, t in enumerate(tasks) if i not in done]
+    fresh = _run_units(todo, config)
+    all_stats: list[UnitStats] = []
+    fresh_iter = iter(fresh)
+    for i in range(len(tasks)):
+        all_stats.append(done[i] if i in done else next(fresh_iter))
+    total = UnitStats(
+        tokens={k: 0 for k in config.json_keys}, characters={k: 0 for k in config.json_keys}
+    )
+    for stats in all_stats:
+        total.add(stats)
+
+    rejected = sum(total.rejects.values())
+    fraction = rejected / total.records if total.records else 0.0
+    unit_rejects = [_unit_rejects(parts_dir, u) for u in units]
+    if fraction > config.max_reject_fraction:
+        _concatenate_rejects(unit_rejects, [], config.rejects_path)
+        reasons = ", ".join(f"{r}={c}" for r, c in sorted(total.rejects.items()))
+        raise PreprocessError(
+            f"{rejected} of {total.records} input records rejected ({fraction:.2%}) > "
+            f"--max-reject-fraction {config.max_reject_fraction:.2%} ({reasons}); see "
+            f"{config.rejects_path}. Fix the inputs or raise --max-reject-fraction; finished "
+            f"units are kept in {parts_dir} and reused by the next run"
+        )
+
+    first_key = config.json_keys[0]
+    unit_prefixes = {
+        k: [str(_unit_prefix(parts_dir, u, k)) for u in units] for k in config.json_keys
+    }
+    keep, duplicates_records = None, []
+    if config.dedup == "exact":
+        keep, duplicates_records = exact_duplicates(unit_prefixes[first_key])
+    for key in config.json_keys:
+        merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
+    _concatenate_rejects(unit_rejects, duplicates_records, config.rejects_path)
+    if not config.keep_partitions:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    total.rejects = dict(sorted(total.rejects.items()))
+    return PreprocessSummary(
+        output_prefixes={k: config.dataset_prefix(k) for k in config.json_keys},
+        rejects_path=str(config.rejects_path),
+        files=len(files),
+        units=len(units),
+        units_reused=len(done),
+        stats=total,
+        duplicates=len(duplicates_records),
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _concatenate_rejects(parts: list[Path], extra: list[dict], final: Path) -> None:
+    with atomic_open(final, "wb") as out:
+        for part in parts:
+            if part.is_file():
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        for record in extra:
+            out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))

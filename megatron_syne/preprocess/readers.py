@@ -1,0 +1,289 @@
+"""Streaming input: discover input files, cut them into work units, read records with bounded memory.
+
+A *work unit* is the resumable, parallel piece of preprocessing: a whole compressed file (gzip and
+zstd streams cannot be entered in the middle), a byte range of a plain JSONL file (cut at line
+starts), or a range of row groups of a Parquet file. Units are concatenated in order, so how
+finely the inputs are cut never changes the output.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+GZIP_SUFFIXES = tuple(s + ".gz" for s in JSONL_SUFFIXES)
+ZSTD_SUFFIXES = tuple(s + ".zst" for s in JSONL_SUFFIXES) + tuple(
+    s + ".zstd" for s in JSONL_SUFFIXES
+)
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = JSONL_SUFFIXES + GZIP_SUFFIXES + ZSTD_SUFFIXES + PARQUET_SUFFIXES
+
+READ_CHUNK_BYTES = 4 << 20
+
+
+class InputError(ValueError):
+    """An input could not be found or read; the message names the path and the fix."""
+
+
+def input_format(path: str | os.PathLike) -> str:
+    """One of "jsonl", "jsonl.gz", "jsonl.zst", "parquet" from the file name."""
+    name = str(path).lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(GZIP_SUFFIXES):
+        return "jsonl.gz"
+    if name.endswith(ZSTD_SUFFIXES):
+        return "jsonl.zst"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    raise InputError(
+        f"{path}: unsupported input type; expected one of {', '.join(SUPPORTED_SUFFIXES)}"
+    )
+
+
+def _is_own_output(name: str) -> bool:
+    """Hidden/temporary files, metadata sidecars and rejects files (what preprocessing writes)
+    are never inputs of a directory or glob."""
+    return name.startswith(".") or name.endswith((".meta.parquet", ".rejects.jsonl"))
+
+
+def discover_inputs(specs: list[str]) -> list[str]:
+    """Expand files, globs and directories (recursively) into a sorted, de-duplicated file list.
+
+    Order is deterministic: specs in the order given, each one's matches sorted by path.
+    """
+    files: list[str] = []
+    seen: set[str] = set()
+    for spec in specs:
+        if os.path.isdir(spec):
+            matches = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(spec)
+                for name in names
+                if name.lower().endswith(SUPPORTED_SUFFIXES) and not _is_own_output(name)
+            )
+        elif glob.has_magic(spec):
+            matches = sorted(
+                p
+                for p in glob.glob(spec, recursive=True)
+                if os.path.isfile(p) and not _is_own_output(os.path.basename(p))
+            )
+        elif os.path.isfile(spec):
+            matches = [spec]
+        else:
+            raise InputError(f"--input {spec}: no such file or directory")
+        if not matches:
+            raise InputError(
+                f"--input {spec}: matched no input files ({', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        for path in matches:
+            input_format(path)  # fail early on an unsupported file named explicitly
+            key = os.path.normpath(path)
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+    return files
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A contiguous piece of one input file. Ranges are bytes (jsonl) or row groups (parquet)."""
+
+    index: int
+    path: str
+    fmt: str
+    start: int = 0  # byte offset (jsonl) / first row group (parquet); 0 for compressed files
+    end: int | None = None  # exclusive; None = to the end of the file
+    size: int = 0  # approximate input bytes, for scheduling the largest units first
+    first_line: int = 1  # 1-based line number of the first line of a plain JSONL byte range
+
+    @property
+    def name(self) -> str:
+        return f"unit-{self.index:06d}"
+
+
+def plan_units(files: list[str], partition_bytes: int) -> list[WorkUnit]:
+    """Cut input files into work units of about ``partition_bytes`` input bytes."""
+    units: list[WorkUnit] = []
+    for path in files:
+        fmt = input_format(path)
+        size = os.path.getsize(path)
+        if fmt == "jsonl" and size > partition_bytes:
+            cuts = line_aligned_cuts(path, partition_bytes) + [(size, 0)]
+            for (start, first_line), (end, _) in zip(cuts[:-1], cuts[1:]):
+                units.append(WorkUnit(len(units), path, fmt, start, end, end - start, first_line))
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            metadata = pq.ParquetFile(path).metadata
+            group_start, group_bytes = 0, 0
+            for group in range(metadata.num_row_groups):
+                group_bytes += metadata.row_group(group).total_byte_size
+                last = group == metadata.num_row_groups - 1
+                if group_bytes >= partition_bytes or last:
+                    units.append(
+                        WorkUnit(len(units), path, fmt, group_start, group + 1, group_bytes)
+                    )
+                    group_start, group_bytes = group + 1, 0
+            if metadata.num_row_groups == 0:
+                units.append(WorkUnit(len(units), path, fmt, 0, 0, 0))
+        else:
+            units.append(WorkUnit(len(units), path, fmt, 0, None, size))
+    return units
+
+
+def assign_shard(files: list[str], num_shards: int, shard_index: int) -> list[str]:
+    """The files of one shard: greedy size balancing, deterministic (ties broken by order)."""
+    if num_shards == 1:
+        return list(files)
+    loads = [0] * num_shards
+    owner: dict[str, int] = {}
+    by_size = sorted(range(len(files)), key=lambda i: (-os.path.getsize(files[i]), i))
+    for i in by_size:
+        shard = min(range(num_shards), key=lambda s: (loads[s], s))
+        owner[files[i]] = shard
+        loads[shard] += os.path.getsize(files[i])
+    return [path for path in files if owner[path] == shard_index]
+
+
+class TruncatedStreamError(Exception):
+    """A compressed stream ended before its end marker (a file cut during copy or download)."""
+
+
+def _decompressed_chunks(path: str, fmt: str) -> Iterator[bytes]:
+    """Decompressed bytes of a whole file; raises TruncatedStreamError after the last good byte."""
+    with open(path, "rb") as f:
+        if fmt == "jsonl":
+            while chunk := f.read(READ_CHUNK_BYTES):
+                yield chunk
+            return
+        if fmt == "jsonl.gz":
+            new = lambda: zlib.decompressobj(wbits=47)  # noqa: E731 -- 47: gzip or zlib header
+        else:
+            import zstandard
+
+            dctx = zstandard.ZstdDecompressor()
+            new = dctx.decompressobj
+        decoder = new()
+        pending = b""
+        while True:
+            data = pending or f.read(READ_CHUNK_BYTES)
+            pending = b""
+            if not data:
+                break
+            out = decoder.decompress(data)
+            if out:
+                yield out
+            if decoder.eof:
+                # Concatenated members/frames (pigz, `cat a.gz b.gz`): start a new decoder.
+                pending = decoder.unused_data
+                if not pending:
+                    pending = f.read(READ_CHUNK_BYTES)
+                    if not pending:
+                        return
+                decoder = new()
+        if not decoder.eof:
+            raise TruncatedStreamError(
+                f"{path}: compressed stream ends before its end marker (file truncated?)"
+            )
+
+
+@dataclass
+class Line:
+    number: int  # 1-based line number in the (decompressed) file
+    raw: bytes  # without the line terminator
+    truncated: bool = False  # the rest of a line cut by a truncated compressed stream
+
+
+def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
+    """Lines of a JSONL unit, numbered as in the whole file. Memory: one read chunk + one line."""
+    if unit.fmt == "jsonl" and unit.end is not None:
+        yield from _iter_plain_range(unit.path, unit.start, unit.end, unit.first_line)
+        return
+    number = 0
+    remainder = b""
+    try:
+        for chunk in _decompressed_chunks(unit.path, unit.fmt):
+            lines = (remainder + chunk).split(b"\n")
+            remainder = lines.pop()
+            for raw in lines:
+                number += 1
+                yield Line(number, raw)
+    except TruncatedStreamError:
+        yield Line(number + 1, remainder, truncated=True)
+        return
+    if remainder:
+        yield Line(number + 1, remainder)
+
+
+def _iter_plain_range(path: str, start: int, end: int, first_line: int) -> Iterator[Line]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos, number = start, first_line - 1
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            number += 1
+            yield Line(number, raw[:-1] if raw.endswith(b"\n") else raw)
+
+
+def line_aligned_cuts(path: str, partition_bytes: int) -> list[tuple[int, int]]:
+    """(byte offset, 1-based line number) of each line start that begins a new unit.
+
+    One sequential pass over the file (newline counting runs at disk speed); always starts with
+    (0, 1).
+    """
+    size = os.path.getsize(path)
+    targets = list(range(partition_bytes, size, partition_bytes))
+    cuts = [(0, 1)]
+    with open(path, "rb") as f:
+        for target in targets:
+            f.seek(target - 1)
+            if f.read(1) != b"\n":
+                f.readline()
+            offset = f.tell()
+            if offset < size and offset > cuts[-1][0]:
+                cuts.append((offset, 0))
+        # Line numbers: count newlines before each cut in one pass.
+        f.seek(0)
+        newlines, pos, todo = 0, 0, 1
+        while todo < len(cuts):
+            block = f.read(min(READ_CHUNK_BYTES, cuts[todo][0] - pos))
+            newlines += block.count(b"\n")
+            pos += len(block)
+            if pos == cuts[todo][0]:
+                cuts[todo] = (pos, newlines + 1)
+                todo += 1
+    return cuts
+
+
+def iter_parquet_rows(unit: WorkUnit, columns: list[str], batch_rows: int) -> Iterator[list[dict]]:
+    """Rows of a Parquet unit as dicts with an ``__line__`` (1-based row in the file) entry."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(unit.path)
+    available = set(parquet.schema_arrow.names)
+    first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
+    groups = list(range(unit.start, unit.end if unit.end is not None else 0))
+    if not groups:
+        return
+    wanted = [c for c in columns if c in available]
+    row = first_row
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=wanted):
+        records = batch.to_pylist()
+        for record in records:
+            row += 1
+            record["__line__"] = row
+        yield records
+
+
+def parquet_columns(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(path).schema_arrow.names)

@@ -1,0 +1,119 @@
+"""Every kind of bad input is counted and written, losslessly, to <prefix>.rejects.jsonl."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from collections import Counter
+
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_syne.data.metadata import read_metadata
+from megatron_syne.preprocess.pipeline import PreprocessConfig, PreprocessError, run_preprocess
+
+GOOD = [json.dumps({"text": f"good document number {i}", "lang": "en"}) for i in range(40)]
+BAD_LINES = {
+    "malformed_json": b'{"text": "unterminated',
+    "not_a_json_object": b'["text", "a list"]',
+    "missing_text": b'{"body": "wrong key"}',
+    "non_string_text": b'{"text": 42}',
+    "empty_text": b'{"text": "  \\n\\t "}',
+    "invalid_utf8": b'{"text": "caf\xe9 latin-1"}',
+    "nul_byte": b'{"text": "a\\u0000b"}',
+    "too_long": json.dumps({"text": "x" * 101}).encode(),
+    "invalid_unicode": b'{"text": "lone \\ud800 surrogate"}',
+    "blank_line": b"   ",
+}
+
+
+def _config(inputs, out, **kw):
+    return PreprocessConfig(
+        input=tuple(map(str, inputs)),
+        output_prefix=str(out),
+        append_eod=True,
+        max_chars=100,
+        progress=False,
+        **kw,
+    )
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path):
+    lines = (
+        [g.encode() for g in GOOD[:20]] + list(BAD_LINES.values()) + [g.encode() for g in GOOD[20:]]
+    )
+    plain = tmp_path / "bad.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    # A gzip file cut in the middle of its stream (an interrupted copy): the lines before the
+    # cut are kept, the partial last line is a truncated_stream reject.
+    full = gzip.compress(("\n".join(GOOD) + "\n").encode() * 50, mtime=0)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(full[: len(full) // 2])
+    return plain, cut, lines
+
+
+def test_each_bad_input_is_rejected_with_reason(bad_inputs, tmp_path, tokenizer):
+    plain, cut, lines = bad_inputs
+    summary = run_preprocess(
+        _config([plain, cut], tmp_path / "out", max_reject_fraction=0.5, workers=1)
+    )
+    rejects = [json.loads(r) for r in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    by_reason = Counter(r["reason"] for r in rejects)
+    assert by_reason == Counter({**{k: 1 for k in BAD_LINES}, "truncated_stream": 1})
+    assert summary.stats.rejects == dict(sorted(by_reason.items()))
+    for record in rejects:
+        if record["file"] != str(plain):
+            continue
+        original = lines[record["line"] - 1]
+        assert original == BAD_LINES[record["reason"]]  # right file, right line
+        # Lossless: the raw line comes back byte for byte.
+        raw = (
+            base64.b64decode(record["raw_base64"])
+            if "raw_base64" in record
+            else record["raw"].encode("utf-8")
+        )
+        assert raw == original
+        assert record["detail"]
+    truncated = next(r for r in rejects if r["reason"] == "truncated_stream")
+    assert truncated["file"] == str(cut) and "re-copy" in truncated["detail"]
+    # Everything before the cut was kept: the good lines of the plain file + the cut file's lines.
+    metadata = read_metadata(f"{tmp_path}/out_text_document").to_pylist()
+    from_cut = [m for m in metadata if m["input_file"] == str(cut)]
+    assert len(from_cut) == truncated["line"] - 1 > 40
+    dataset = IndexedDataset(f"{tmp_path}/out_text_document")
+    assert len(dataset) == 40 + len(from_cut)
+    assert dataset[0].tolist() == tokenizer.encode(json.loads(GOOD[0])["text"]) + [tokenizer.eod]
+    assert summary.stats.records == len(lines) + truncated["line"]
+
+
+def test_reject_fraction_fails_the_run_but_keeps_work(bad_inputs, tmp_path):
+    plain, _, _ = bad_inputs
+    with pytest.raises(PreprocessError, match="max-reject-fraction") as err:
+        run_preprocess(_config([plain], tmp_path / "out", max_reject_fraction=0.1))
+    assert "rejects.jsonl" in str(err.value)
+    assert (tmp_path / "out.rejects.jsonl").is_file()  # the user can see why
+    assert not (tmp_path / "out_text_document.bin").exists()  # nothing looks complete
+    summary = run_preprocess(_config([plain], tmp_path / "out", max_reject_fraction=0.25))
+    assert summary.units_reused == summary.units  # the finished units were kept and reused
+
+
+def test_missing_parquet_column_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_syne.preprocess.readers import InputError
+
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "x.parquet")
+    with pytest.raises(InputError, match="x.parquet.*--json-keys"):
+        run_preprocess(_config([tmp_path / "x.parquet"], tmp_path / "out"))
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    from megatron_syne.preprocess.readers import InputError
+
+    with pytest.raises(InputError, match="no such file"):
+        run_preprocess(_config([tmp_path / "nope.jsonl"], tmp_path / "out"))
+    with pytest.raises(InputError, match="matched no input files"):
+        run_preprocess(_config([str(tmp_path / "*.jsonl.gz")], tmp_path / "out"))
