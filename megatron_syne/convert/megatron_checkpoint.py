@@ -82,28 +82,44 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
+def _cuda_free_checkpointing() -> Iterator[None]:
+    """Let ``dist_checkpointing`` run in a process without CUDA, for the duration only.
+
+    Its save path calls ``torch.cuda.synchronize()`` and puts a one-element status tensor on
+    ``torch.cuda.current_device()``. Those two are redirected to the CPU while the converter
+    runs and restored afterwards, instead of megatron_syne's process-wide CPU layer (which
+    patches torch's tensor factories and would change other code in the caller's process).
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = (torch.cuda.synchronize, torch.cuda.current_device)
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
+@contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
     """A one-process gloo group for ``dist_checkpointing`` (which needs torch.distributed).
 
-    Uses a file rendezvous, so no port is taken; reuses an existing group. Without CUDA,
-    enables megatron_syne's CPU compatibility layer: ``dist_checkpointing`` places its
-    bookkeeping tensors on ``torch.cuda.current_device()``.
+    Uses a file rendezvous, so no port is taken; an existing group is reused (and kept).
     """
-    if not torch.cuda.is_available():
-        from megatron_syne.platform.cpu import enable_cpu_compat
-
-        enable_cpu_compat()
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="convert-pg-") as tmp:
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1
-        )
-        try:
+    with _cuda_free_checkpointing():
+        if torch.distributed.is_initialized():
             yield
-        finally:
-            torch.distributed.destroy_process_group()
+            return
+        with tempfile.TemporaryDirectory(prefix="convert-pg-") as tmp:
+            torch.distributed.init_process_group(
+                "gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1
+            )
+            try:
+                yield
+            finally:
+                torch.distributed.destroy_process_group()
 
 
 class ScratchTensorStore:
@@ -203,6 +219,12 @@ def scratch_dir_beside(final_dir: Path, scratch_root: str | os.PathLike | None) 
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _short(exc: BaseException) -> str:
+    """One line for an error message: torch's checkpoint errors embed whole tracebacks."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {(lines[-1] if lines else '')[:300]}"
+
+
 class MegatronCheckpointReader:
     """Read global tensors of a ``torch_dist`` checkpoint one chunk (layer) at a time."""
 
@@ -215,8 +237,8 @@ class MegatronCheckpointReader:
             self.common = dist_checkpointing.load_common_state_dict(str(self.checkpoint_dir))
         except Exception as exc:  # torch/megatron raise many types for unreadable files
             raise ConversionError(
-                f"{self.checkpoint_dir}: cannot read the checkpoint metadata ({type(exc).__name__}: "
-                f"{exc}); the checkpoint is incomplete or corrupt"
+                f"{self.checkpoint_dir}: cannot read the checkpoint metadata ({_short(exc)}); "
+                "the checkpoint is incomplete or corrupt"
             ) from None
 
     def has(self, key: str) -> bool:
@@ -261,7 +283,7 @@ class MegatronCheckpointReader:
         except Exception as exc:
             raise ConversionError(
                 f"{self.checkpoint_dir}: cannot read {key!r}"
-                f"{'' if layer is None else f' layer {layer}'} ({type(exc).__name__}: {exc}); "
+                f"{'' if layer is None else f' layer {layer}'} ({_short(exc)}); "
                 "the checkpoint files are truncated or corrupt"
             ) from None
         return target if layer is None else target[0]

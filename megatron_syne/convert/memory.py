@@ -63,6 +63,12 @@ class PeakMemoryMonitor:
             self._sample()
 
     def __enter__(self) -> PeakMemoryMonitor:
+        # Restart VmHWM so the peak belongs to this region, not to earlier work in the process.
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
         self._sample()
         self._thread = threading.Thread(target=self._run, name="memory-monitor", daemon=True)
         self._thread.start()

@@ -59,11 +59,11 @@ class MixturePlan:
         self.stage_starts = [int(x) for x in np.cumsum([0, *self.stage_iterations[:-1]])]
         self.total_iterations = int(sum(self.stage_iterations))
         tokens_per_iteration = self.seq_length * self.global_batch_size
-        self.interval_iterations = (
-            max(1, round(spec.mixer.interval_tokens / tokens_per_iteration))
-            if spec.mixer is not None
-            else 0
-        )
+        self.interval_iterations = 0
+        if spec.mixer is not None:
+            self.interval_iterations = spec.mixer.interval_iterations or max(
+                1, round(spec.mixer.interval_tokens / tokens_per_iteration)
+            )
         self.phases = self._build_phases()
         self.mixer_groups = self._mixer_groups()
         for source, names in self.mixer_groups.items():

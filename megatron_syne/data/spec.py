@@ -183,8 +183,9 @@ class MixerSpec:
     """The online topic-weight rule: r_i <- r_i f_i / sum_j r_j f_j, f_i = 1 + alpha delta_i w_i.
 
     Defaults and why:
-    - ``interval_tokens``: how often topic losses are measured and weights updated (tokens,
-      rounded to whole iterations). The paper adjusted between multi-billion-token rounds.
+    - ``interval_tokens`` (or ``interval_iterations``): how often topic losses are measured and
+      weights updated (tokens are rounded to whole iterations). No default: the paper adjusted
+      between multi-billion-token rounds; a few percent of the stage is a sensible start.
     - ``alpha`` = 1.0: with ``relative`` deltas of a few percent, f_i moves weights by a few
       percent per update.
     - ``normalization`` = ``relative``: delta_i = (L_t - L_{t-1}) / L_{t-1} (scale-free across
@@ -198,7 +199,8 @@ class MixerSpec:
     - ``stages``: names of stages in which the rule runs (default: all).
     """
 
-    interval_tokens: int
+    interval_tokens: int | None = None
+    interval_iterations: int | None = None
     alpha: float = 1.0
     normalization: str = "relative"
     importance: tuple[tuple[str, float], ...] = ()
@@ -208,8 +210,10 @@ class MixerSpec:
     stages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.interval_tokens <= 0:
-            raise ValueError("interval_tokens must be > 0")
+        if (self.interval_tokens is None) == (self.interval_iterations is None):
+            raise ValueError("give exactly one of interval_tokens or interval_iterations")
+        if (self.interval_tokens or self.interval_iterations) <= 0:
+            raise ValueError("the update interval must be > 0")
         if self.alpha < 0:
             raise ValueError("alpha must be >= 0")
         if self.normalization not in DELTA_NORMALIZATIONS:
@@ -411,12 +415,14 @@ def _parse_stage(data: Any, where: str, source_names: set[str]) -> StageSpec:
 def _parse_mixer(data: Any, where: str, stage_names: set[str]) -> MixerSpec:
     data = _expect_mapping(data, where)
     _check_keys(data, {f.name for f in dataclasses.fields(MixerSpec)}, where)
-    if "interval_tokens" not in data:
-        raise _fail(where, "missing 'interval_tokens' (tokens between two weight updates)")
+    if "interval_tokens" not in data and "interval_iterations" not in data:
+        raise _fail(
+            where, "missing 'interval_tokens' or 'interval_iterations' (between two updates)"
+        )
     kwargs: dict[str, Any] = dict(data)
-    kwargs["interval_tokens"] = _number(
-        data["interval_tokens"], f"{where}.interval_tokens", integer=True
-    )
+    for key in ("interval_tokens", "interval_iterations"):
+        if key in data:
+            kwargs[key] = _number(data[key], f"{where}.{key}", integer=True)
     for key in ("alpha", "max_change", "floor"):
         if key in kwargs:
             kwargs[key] = _number(kwargs[key], f"{where}.{key}")

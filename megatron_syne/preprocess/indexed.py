@@ -9,6 +9,7 @@ importing torch in every preprocessing worker); tests check the bytes against me
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -163,9 +164,7 @@ class TokenBinWriter:
     def add_documents(self, documents: Sequence[Sequence[int]]) -> None:
         lengths = np.fromiter((len(d) for d in documents), dtype=np.int32, count=len(documents))
         total = int(lengths.sum(dtype=np.int64))
-        flat = np.fromiter(
-            (token for document in documents for token in document), dtype=self.dtype, count=total
-        )
+        flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=self.dtype, count=total)
         flat.tofile(self._file)
         self._lengths.append(lengths)
 
@@ -284,7 +283,7 @@ def _merge_metadata(
     with atomic_path(metadata_path(output_prefix)) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for path, mask, count in zip(paths, keep, counts):
-                table = pq.read_table(path)
+                table = pq.ParquetFile(path).read()
                 if table.num_rows != count:
                     raise MetadataError(
                         f"{path}: {table.num_rows} rows for {count} documents; re-preprocess"

@@ -49,7 +49,7 @@ def exact_duplicates(prefixes: list[str]) -> tuple[list[np.ndarray], list[dict]]
     """Keep masks (first occurrence of each metadata ``hash``, in order) and one reject record
     per dropped duplicate, naming its input file/line and those of the document it duplicates."""
     tables = [
-        pq.read_table(metadata_path(p), columns=["hash", "input_file", "input_line"])
+        pq.ParquetFile(metadata_path(p)).read(columns=["hash", "input_file", "input_line"])
         for p in prefixes
     ]
     keep, first = first_occurrences(tables)

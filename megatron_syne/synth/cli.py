@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -36,6 +37,12 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=2048, help="completion tokens per answer")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default={},
+        help="JSON merged into every request, e.g. '{\"repetition_penalty\": 1.05}' (vLLM)",
+    )
     g.add_argument(
         "--sampling-seed",
         type=int,
@@ -140,6 +147,7 @@ def build_backend(args: argparse.Namespace) -> ChatBackend:
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
+            extra_body=args.extra_body,
         )
     )
 

@@ -119,6 +119,8 @@ class ClientConfig:
             raise ValueError(f"ClientConfig: max_retries must be >= 0, got {self.max_retries}")
         if self.backoff_base < 0 or self.backoff_max < self.backoff_base:
             raise ValueError("ClientConfig: need 0 <= backoff_base <= backoff_max")
+        if not isinstance(self.extra_body, dict):
+            raise ValueError("ClientConfig: extra_body (--extra-body) must be a JSON object")
         if self.max_tokens < 1:
             raise ValueError(f"ClientConfig: max_tokens must be >= 1, got {self.max_tokens}")
 

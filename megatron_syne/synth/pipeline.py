@@ -73,7 +73,6 @@ class RunConfig:
     workers: int = 64
     filters: FilterConfig = field(default_factory=FilterConfig)
     decontamination_files: list[str] = field(default_factory=list)
-    check_language: bool = True
     repetition_fields: tuple[str, ...] = ("problem", "solution")
     language_fields: tuple[str, ...] = ("problem", "solution")
     progress: bool = True
@@ -160,7 +159,7 @@ class GenerationRun:
             reason = check_repetition(record[name], fc)
             if reason:
                 raise Reject("repetition", f"{name}: {reason.split(':', 1)[1].strip()}")
-        if self.config.check_language and fc.check_language:
+        if fc.check_language:
             for name in self.config.language_fields:
                 got = detect_lang(record[name])
                 if got != item.lang:

@@ -77,6 +77,9 @@ class ScriptedServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                # Latency counts from arrival, so the server's own CPU time per request
+                # does not add to it (a real server's latency is what a client sees).
+                arrived = asyncio.get_running_loop().time()
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {}
@@ -85,7 +88,7 @@ class ScriptedServer:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                keep = await self._respond(method, path, body, writer)
+                keep = await self._respond(method, path, body, writer, arrived)
                 if not keep:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -110,7 +113,7 @@ class ScriptedServer:
         await writer.drain()
 
     async def _respond(
-        self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter
+        self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter, arrived: float
     ) -> bool:
         self.counts["requests"] += 1
         if method == "GET" and path.endswith("/stats"):
@@ -131,7 +134,8 @@ class ScriptedServer:
         self.counts["chat"] += 1
         action = self._choose_action(user) or {}
         if self.latency:
-            await asyncio.sleep(self.latency)
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(max(0.0, self.latency - (loop.time() - arrived)))
         if "hang" in action:
             self.counts["hang"] += 1
             await asyncio.sleep(float(action["hang"]))

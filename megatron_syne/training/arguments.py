@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from megatron_syne.models.presets import PRESETS, ModelPreset, get_preset
@@ -313,6 +314,15 @@ class TrainArgs:
             )
         if self.save_interval is not None and self.save is None:
             raise ArgumentError("--save-interval needs --save DIR")
+        if self.load is not None and not os.path.isdir(self.load):
+            same_as_save = self.save is not None and os.path.abspath(self.load) == os.path.abspath(
+                self.save
+            )
+            if not same_as_save:  # --load = --save on a first run means "resume if possible"
+                raise ArgumentError(
+                    f"--load {self.load}: no such directory; pass a directory written by --save "
+                    "(or one of its iter_XXXXXXX directories)"
+                )
         if self.finetune:
             self.no_load_optim = True
             self.no_load_rng = True
@@ -380,8 +390,6 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
 
     Raises :class:`ArgumentError` with a message naming the flags at fault.
     """
-    import os
-
     namespace = build_parser().parse_args(argv)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

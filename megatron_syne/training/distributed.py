@@ -49,7 +49,7 @@ def initialize_distributed(
     different layout the model-parallel groups are rebuilt. Data parallelism takes the ranks
     left over: world_size / (TP * PP * CP).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

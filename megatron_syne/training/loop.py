@@ -12,6 +12,7 @@ exactly where the uninterrupted one would be.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -330,14 +331,16 @@ def pretrain(args: TrainArgs, hooks: list[TrainingHook] | None = None) -> TrainR
     # -- resume --------------------------------------------------------------------------------
     iteration = consumed_samples = skipped_total = 0
     if args.load is not None:
-        loaded = load_checkpoint(
-            args.load,
-            model_chunks,
-            optimizer,
-            scheduler,
-            load_optim=not args.no_load_optim,
-            load_rng=not args.no_load_rng,
-        )
+        loaded = None
+        if os.path.isdir(args.load):  # absent only when --load = --save on a first run
+            loaded = load_checkpoint(
+                args.load,
+                model_chunks,
+                optimizer,
+                scheduler,
+                load_optim=not args.no_load_optim,
+                load_rng=not args.no_load_rng,
+            )
         if loaded is None:
             writer.text(f"> no checkpoint in {args.load} yet: starting from scratch")
         else:
@@ -410,12 +413,6 @@ def pretrain(args: TrainArgs, hooks: list[TrainingHook] | None = None) -> TrainR
                 f"> iteration {iteration}: non-finite loss ({step.loss}) or grad norm "
                 f"({step.grad_norm}); step skipped ({consecutive_skips} in a row, {skipped_total} total)"
             )
-            if consecutive_skips >= args.max_consecutive_skipped_steps:
-                raise NonFiniteLossError(
-                    f"{consecutive_skips} consecutive steps had a non-finite loss or gradient "
-                    f"(last at iteration {iteration}); stopping. Lower --lr, check the data, or "
-                    "raise --max-consecutive-skipped-steps"
-                )
         else:
             consecutive_skips = 0
             scheduler.step(increment=args.global_batch_size)
@@ -436,6 +433,13 @@ def pretrain(args: TrainArgs, hooks: list[TrainingHook] | None = None) -> TrainR
             )
             window = _LogWindow()
 
+        if consecutive_skips >= args.max_consecutive_skipped_steps:
+            writer.close()
+            raise NonFiniteLossError(
+                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"(last at iteration {iteration}); stopping. Lower --lr, check the data, or "
+                "raise --max-consecutive-skipped-steps"
+            )
         if args.eval_interval and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):

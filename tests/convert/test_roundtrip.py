@@ -42,8 +42,14 @@ def converted(tmp_path_factory):
             load=root / "megatron", save=root / "hf_back", max_shard_size="30KB", show_progress=False
         )
     )
+    # Loaded here, before any test builds a Megatron model: the CPU compatibility layer that
+    # building one enables breaks transformers' from_pretrained in the same process.
+    from transformers import LlamaForCausalLM
+
+    reloaded = LlamaForCausalLM.from_pretrained(root / "hf_back", attn_implementation="eager")
     return {
         "root": root,
+        "reloaded": reloaded.eval(),
         "model": model,
         "tokens": tokens,
         "to_megatron": to_megatron,
@@ -113,12 +119,10 @@ def test_round_trip_is_bit_identical(converted):
 
 
 def test_hf_output_loads_in_transformers(converted):
-    from transformers import LlamaForCausalLM
-
     hf_back = converted["root"] / "hf_back"
     assert len(list(hf_back.glob("model-*.safetensors"))) > 1
     assert (hf_back / "model.safetensors.index.json").is_file()
-    model = LlamaForCausalLM.from_pretrained(hf_back, attn_implementation="eager").eval()
+    model = converted["reloaded"]
     assert model.config.num_key_value_heads == 2
     assert model.config.rope_parameters["rope_theta"] == 500000.0
     tokens = converted["tokens"]

@@ -67,7 +67,7 @@ def _records(path: Path) -> dict[int, dict]:
 
 def test_online_mixture_resume_is_exact(corpus, tmp_path):
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump({**SPEC, "data_root": str(corpus)}))
+    spec_path.write_text(yaml.safe_dump({**SPEC, "data_root": str(corpus)}, sort_keys=False))
     cache = tmp_path / "cache"
     full, part = tmp_path / "full", tmp_path / "part"
     runs = [

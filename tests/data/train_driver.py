@@ -37,12 +37,13 @@ class SampleRecorder(TrainingHook):
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         runs = json.load(f)
-    for run in runs:
-        args = parse_args(run["argv"])
-        try:
+    try:
+        # The process group stays up between runs (initialize_distributed is then a no-op).
+        for run in runs:
+            args = parse_args(run["argv"])
             pretrain(args, hooks=[SampleRecorder(run["record"], args.global_batch_size)])
-        finally:
-            destroy_distributed()
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def _check(backend, vocab, reduction, label_smoothing, z_loss_weight, with_mask)
     grads = [torch.randn(shape)]
     if z_loss_weight > 0:
         grads.append(torch.randn(shape))
-    out, grad = _run(lambda x, **k: vocab_parallel_cross_entropy(x, backend=backend, **k), logits, grads, **kw)
+    out, grad = _run(
+        lambda x, **k: vocab_parallel_cross_entropy(x, backend=backend, **k), logits, grads, **kw
+    )
     ref, ref_grad = _run(lambda x, **k: cross_entropy_reference(x, **k), logits, grads, **kw)
     assert len(out) == len(ref)
     for o, r in zip(out, ref):
@@ -75,13 +77,17 @@ def test_pairwise_subset_covers_every_option_pair():
 
 
 @pytest.mark.parametrize("reduction,label_smoothing,z_loss_weight,with_mask", PAIRWISE)
-def test_triton_matches_reference_all_options(small_block, reduction, label_smoothing, z_loss_weight, with_mask):
+def test_triton_matches_reference_all_options(
+    small_block, reduction, label_smoothing, z_loss_weight, with_mask
+):
     # 1000 = 3 full blocks of 256 + a ragged block of 232.
     _check("triton", 1000, reduction, label_smoothing, z_loss_weight, with_mask)
 
 
 @pytest.mark.parametrize("reduction,label_smoothing,z_loss_weight,with_mask", GRID)
-def test_torch_path_matches_reference_all_options(reduction, label_smoothing, z_loss_weight, with_mask):
+def test_torch_path_matches_reference_all_options(
+    reduction, label_smoothing, z_loss_weight, with_mask
+):
     _check("torch", 1000, reduction, label_smoothing, z_loss_weight, with_mask)
 
 
@@ -95,7 +101,9 @@ def test_z_loss_gradient_without_loss_gradient(small_block):
     # Only z_loss reaches the graph: the backward must rebuild the softmax from the stored grad.
     logits, target, mask = _inputs(1000)
     x = logits.clone().requires_grad_()
-    _, z = vocab_parallel_cross_entropy(x, target, z_loss_weight=0.1, loss_mask=mask, backend="triton")
+    _, z = vocab_parallel_cross_entropy(
+        x, target, z_loss_weight=0.1, loss_mask=mask, backend="triton"
+    )
     z.sum().backward()
     y = logits.clone().requires_grad_()
     _, z_ref = cross_entropy_reference(y, target, z_loss_weight=0.1, loss_mask=mask)
@@ -106,10 +114,16 @@ def test_z_loss_gradient_without_loss_gradient(small_block):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_inplace_backward_overwrites_logits_and_matches(backend):
     logits, target, mask = _inputs(1000)
-    ref_grad = _run(lambda x: cross_entropy_reference(x, target, reduction="mean", loss_mask=mask), logits, [torch.ones(())])[1]
+    ref_grad = _run(
+        lambda x: cross_entropy_reference(x, target, reduction="mean", loss_mask=mask),
+        logits,
+        [torch.ones(())],
+    )[1]
     x = logits.clone().requires_grad_()
     buf = x.detach()
-    loss = vocab_parallel_cross_entropy(x * 1.0, target, reduction="mean", loss_mask=mask, inplace_backward=True, backend=backend)
+    loss = vocab_parallel_cross_entropy(
+        x * 1.0, target, reduction="mean", loss_mask=mask, inplace_backward=True, backend=backend
+    )
     loss.backward()
     torch.testing.assert_close(x.grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(buf, logits)  # the leaf is untouched; only the product's buffer was reused
@@ -124,7 +138,9 @@ def test_reference_matches_torch_and_megatron_smoothing_formula():
     alpha, k = 0.1, 1000
     valid = tflat != -100
     ref_s = cross_entropy_reference(flat[valid], tflat[valid], label_smoothing=alpha)
-    torch_s = F.cross_entropy(flat[valid], tflat[valid], label_smoothing=alpha * k / (k - 1), reduction="none")
+    torch_s = F.cross_entropy(
+        flat[valid], tflat[valid], label_smoothing=alpha * k / (k - 1), reduction="none"
+    )
     torch.testing.assert_close(ref_s, torch_s)
 
 
@@ -153,7 +169,9 @@ def test_no_grad_forward_only_matches():
     logits, target, mask = _inputs(1000)
     with torch.no_grad():
         loss = vocab_parallel_cross_entropy(logits, target, loss_mask=mask, backend="triton")
-    torch.testing.assert_close(loss, cross_entropy_reference(logits, target, loss_mask=mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loss, cross_entropy_reference(logits, target, loss_mask=mask), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_arguments_are_rejected():

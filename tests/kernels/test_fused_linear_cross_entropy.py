@@ -33,7 +33,9 @@ def _run(fn, hidden, weight, grads, **kw):
     return [o.detach() for o in outs], h.grad, w.grad
 
 
-def _check(backend, reduction, label_smoothing, z_loss_weight, with_mask, chunk_tokens, n_tokens=N_TOKENS):
+def _check(
+    backend, reduction, label_smoothing, z_loss_weight, with_mask, chunk_tokens, n_tokens=N_TOKENS
+):
     hidden, weight, target, mask = _inputs(n_tokens)
     kw = dict(
         target=target,
@@ -45,8 +47,13 @@ def _check(backend, reduction, label_smoothing, z_loss_weight, with_mask, chunk_
     shape = target.shape if reduction == "none" else ()
     grads = [torch.randn(shape) for _ in range(2 if z_loss_weight > 0 else 1)]
     out, gh, gw = _run(
-        lambda h, w, **k: fused_linear_cross_entropy(h, w, chunk_tokens=chunk_tokens, backend=backend, **k),
-        hidden, weight, grads, **kw,
+        lambda h, w, **k: fused_linear_cross_entropy(
+            h, w, chunk_tokens=chunk_tokens, backend=backend, **k
+        ),
+        hidden,
+        weight,
+        grads,
+        **kw,
     )
     ref, rh, rw = _run(fused_linear_cross_entropy_reference, hidden, weight, grads, **kw)
     for o, r in zip(out, ref, strict=True):
@@ -85,14 +92,18 @@ def test_weight_gradient_accumulates_in_fp32_across_chunks():
     hidden, weight, target, _ = _inputs(n_tokens=256)
     target[::7] = 3
     h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
-    fused_linear_cross_entropy(h, w, target, reduction="sum", chunk_tokens=4, backend="torch").backward()
+    fused_linear_cross_entropy(
+        h, w, target, reduction="sum", chunk_tokens=4, backend="torch"
+    ).backward()
     h32, w32 = hidden.bfloat16().float(), weight.bfloat16().float()
     logits = (h32 @ w32.t()).requires_grad_()
     cross_entropy_reference(logits, target, reduction="sum").backward()
     exact = logits.grad.t() @ h32
     bf16_sum = torch.zeros_like(exact, dtype=torch.bfloat16)
     for start in range(0, 256, 4):
-        bf16_sum += logits.grad[start : start + 4].bfloat16().t() @ h32[start : start + 4].bfloat16()
+        bf16_sum += (
+            logits.grad[start : start + 4].bfloat16().t() @ h32[start : start + 4].bfloat16()
+        )
     assert w.grad.dtype == torch.bfloat16
 
     def rel(x):

@@ -27,7 +27,9 @@ def test_token_nll_matches_reference_with_mask(backend, small_block):
     mask = torch.rand(111) > 0.2
     nll = token_nll_from_hidden(hidden, weight, target, mask, chunk_tokens=50, backend=backend)
     assert nll.dtype == torch.float32 and nll.shape == (111,)
-    torch.testing.assert_close(nll, token_nll_reference(hidden, weight, target, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        nll, token_nll_reference(hidden, weight, target, mask), rtol=1e-5, atol=1e-5
+    )
     assert torch.all(nll[~mask] == 0)
     assert torch.all(nll[mask] > 0)
 

@@ -11,7 +11,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_syne.kernels import cross_entropy
-from megatron_syne.kernels.cross_entropy import cross_entropy_reference, vocab_parallel_cross_entropy
+from megatron_syne.kernels.cross_entropy import (
+    cross_entropy_reference,
+    vocab_parallel_cross_entropy,
+)
 from megatron_syne.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
@@ -48,7 +51,9 @@ def cross_entropy_cases(rank, world, group):
     ]
     for backend, reduction, smoothing, z_weight, loss_mask in cases:
         kw = dict(
-            reduction=reduction, label_smoothing=smoothing, z_loss_weight=z_weight,
+            reduction=reduction,
+            label_smoothing=smoothing,
+            z_loss_weight=z_weight,
             loss_mask=loss_mask,
         )
         shape = target.shape if reduction == "none" else ()
@@ -109,13 +114,21 @@ def fused_linear_cases(rank, world, group):
         grads = [torch.randn(shape) for _ in range(2 if z_weight else 1)]
         h_full = hidden.clone().requires_grad_()
         w_full = weight.clone().requires_grad_()
-        want = backward_all(fused_linear_cross_entropy_reference(h_full, w_full, target, **kw), grads)
+        want = backward_all(
+            fused_linear_cross_entropy_reference(h_full, w_full, target, **kw), grads
+        )
         h = (hidden[rows] if sp else hidden).clone().requires_grad_()
         w = weight[shard].clone().requires_grad_()
         got = backward_all(
             fused_linear_cross_entropy(
-                h, w, target, tp_group=group, sequence_parallel=sp, chunk_tokens=20,
-                backend=backend, **kw,
+                h,
+                w,
+                target,
+                tp_group=group,
+                sequence_parallel=sp,
+                chunk_tokens=20,
+                backend=backend,
+                **kw,
             ),
             grads,
         )

@@ -65,15 +65,16 @@ def test_language_detection_and_check():
 
 
 def test_minhash_near_duplicates():
+    from pydoc_data.topics import topics
+
+    page = " ".join(topics["assignment"].split())[:1500]  # ~230 words of real prose
     index = NearDuplicateIndex(threshold=0.8)
-    assert index.check_and_add("a", PROSE) is None
-    near = PROSE.replace("eukaryotic", "animal")
+    assert index.check_and_add("a", page) is None
+    near = page.replace(" the ", " a ", 1) + " (copied)"
     assert index.check_and_add("b", near) == "near_duplicate: of item a"
-    other = (
-        "Plate tectonics explains earthquakes and volcanoes: lithospheric plates move over the "
-        "asthenosphere, diverge at mid-ocean ridges and sink at subduction zones."
-    )
+    other = " ".join(topics["import"].split())[:1500]
     assert index.check_and_add("c", other) is None
+    assert index.check_and_add("d", PROSE) is None
 
 
 def test_decontamination_13_grams(tmp_path):
