@@ -111,7 +111,9 @@ def bench_loss(args, device, dtype) -> str:
         x = base.clone().requires_grad_()
         loss = fn(x, target)
         loss.backward()
-        err = max((loss.float() - ref_loss).abs().item(), (x.grad.float() - ref_grad).abs().max().item())
+        err = max(
+            (loss.float() - ref_loss).abs().item(), (x.grad.float() - ref_grad).abs().max().item()
+        )
         del loss
         x.grad = None
 

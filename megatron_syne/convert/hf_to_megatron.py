@@ -215,10 +215,15 @@ def convert_hf_to_megatron(config: HFToMegatronConfig) -> ConversionSummary:
         store.close()
 
         state = sharded_state_dict_for(tensors, [(m, num_layers) for m in L.EXTRA_STATE_MODULES])
+        # Counters the training loop reads on --load (a fresh start at iteration 0).
         state.update(
             iteration=0,
             checkpoint_version=1,
             has_optimizer=False,
+            consumed_samples=0,
+            consumed_tokens=0,
+            skipped_steps=0,
+            hooks={},
             conversion={
                 "format_version": CONVERSION_FORMAT_VERSION,
                 "source": "huggingface",

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_syne.convert.arch import ConversionError
 from megatron_syne.utils.io import atomic_open
@@ -235,7 +236,9 @@ class MegatronCheckpointReader:
         try:
             self.metadata = dist_checkpointing.load_tensors_metadata(str(self.checkpoint_dir))
             self.common = dist_checkpointing.load_common_state_dict(str(self.checkpoint_dir))
-        except Exception as exc:  # torch/megatron raise many types for unreadable files
+        # torch/megatron raise many types for unreadable files; torch's CheckpointException is
+        # a BaseException.
+        except (Exception, CheckpointException) as exc:
             raise ConversionError(
                 f"{self.checkpoint_dir}: cannot read the checkpoint metadata ({_short(exc)}); "
                 "the checkpoint is incomplete or corrupt"
@@ -280,7 +283,7 @@ class MegatronCheckpointReader:
             dist_checkpointing.load(
                 {"t": request}, str(self.checkpoint_dir), validate_access_integrity=False
             )
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:
             raise ConversionError(
                 f"{self.checkpoint_dir}: cannot read {key!r}"
                 f"{'' if layer is None else f' layer {layer}'} ({_short(exc)}); "

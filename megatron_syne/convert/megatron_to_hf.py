@@ -74,36 +74,27 @@ class MegatronToHFConfig:
             raise ConversionError("--max-shard-size must be > 0")
 
 
-_ARGS_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "max_position_embeddings",
-    "rotary_base",
-    "norm_epsilon",
-    "untie_embeddings_and_output_weights",
-)
+def _arch_from_run_args(args: Any) -> LlamaArch | None:
+    """The architecture from a training run's saved flags (``args`` in the common state).
 
-
-def _arch_from_run_args(args: Any, vocab_size: int | None) -> LlamaArch | None:
-    """The architecture from a training run's saved flags (a dict or namespace), if complete."""
+    The run records its ``--model`` preset and the shape flags that overrode it (None when
+    not given), so the shape is the preset with those overrides.
+    """
     if args is None:
         return None
     values = dict(args) if isinstance(args, dict) else dict(vars(args))
-    if any(values.get(name) is None for name in _ARGS_FIELDS):
+    if "model" not in values:
         return None
-    vocab = values.get("vocab_size") or vocab_size
-    if vocab is None:
-        return None
-    return LlamaArch(
-        **{name: values[name] for name in _ARGS_FIELDS},
-        vocab_size=int(vocab),
-        rope_scaling_factor=values.get("rope_scaling_factor"),
-        dtype="bfloat16" if values.get("bf16") else "float32",
-    )
+    from megatron_syne.models.presets import get_preset
+    from megatron_syne.training.arguments import SHAPE_FIELDS
+
+    try:
+        preset = get_preset(values["model"])
+        overrides = {k: values[k] for k in SHAPE_FIELDS if values.get(k) is not None}
+        preset = preset.replace(**overrides)
+    except ValueError as exc:
+        raise ConversionError(f"the checkpoint's recorded model flags are invalid: {exc}") from None
+    return LlamaArch.from_preset(preset, dtype="bfloat16" if values.get("bf16") else "float32")
 
 
 def resolve_arch(reader: MegatronCheckpointReader, config: MegatronToHFConfig) -> LlamaArch:
@@ -127,7 +118,7 @@ def resolve_arch(reader: MegatronCheckpointReader, config: MegatronToHFConfig) -
     elif isinstance(common.get("conversion"), dict) and "arch" in common["conversion"]:
         arch = LlamaArch.from_dict(common["conversion"]["arch"])
     else:
-        arch = _arch_from_run_args(common.get("args"), common.get("vocab_size"))
+        arch = _arch_from_run_args(common.get("args"))
     if arch is None:
         raise ConversionError(
             f"{reader.checkpoint_dir}: the checkpoint does not record the model shape; pass "

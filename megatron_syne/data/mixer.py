@@ -201,3 +201,108 @@ class TopicMixer:
         last = state.get("last_losses")
         self.last_losses = None if last is None else {c: float(v) for c, v in last.items()}
         self.history = copy.deepcopy(list(state["history"]))
+
+
+# ------------------------------------------------------------------- offline (between rounds)
+
+
+def load_eval_results(path) -> tuple[dict, dict, dict]:
+    """(weights, previous losses, current losses) from a mixer history JSONL or a results JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: results file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if len(records) < 2:
+            raise ValueError(f"{path}: need at least two measurements, found {len(records)}")
+        return (
+            dict(records[-1]["weights_after"]),
+            dict(records[-2]["losses"]),
+            dict(records[-1]["losses"]),
+        )
+    data = json.loads(text)
+    for key in ("weights", "previous", "current"):
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r} (need weights, previous, current)")
+    return dict(data["weights"]), dict(data["previous"]), dict(data["current"])
+
+
+def offline_update(spec_path, weights: Mapping, previous: Mapping, current: Mapping):
+    """Apply the spec's rule per source to ``<source>/<topic>`` components.
+
+    Returns ``(new_weights, rows)``: new weights by component, and one row per component.
+    """
+    from megatron_syne.data.spec import SpecError, load_spec
+
+    spec = load_spec(spec_path)
+    if spec.mixer is None:
+        raise SpecError(f"{spec_path}: no mixer section: nothing defines the update rule")
+    by_source: dict[str, list[str]] = {}
+    for name in weights:
+        if "/" not in name:
+            raise ValueError(f"component {name!r} is not named <source>/<topic>")
+        by_source.setdefault(name.split("/", 1)[0], []).append(name)
+    new_weights, rows = {}, []
+    for names in by_source.values():
+        missing = [n for n in names if n not in previous or n not in current]
+        if missing:
+            raise ValueError(f"no previous/current loss for {missing}")
+        r = np.array([weights[n] for n in names], dtype=np.float64)
+        r = r / r.sum()
+        new, delta, _ = syne_update(
+            r,
+            np.array([previous[n] for n in names]),
+            np.array([current[n] for n in names]),
+            alpha=spec.mixer.alpha,
+            importance=np.array([spec.mixer.importance_of(n.split("/", 1)[1]) for n in names]),
+            normalization=spec.mixer.normalization,
+            max_change=spec.mixer.max_change,
+            floor=spec.mixer.floor,
+        )
+        for i, n in enumerate(names):
+            new_weights[n] = float(new[i])
+            rows.append(
+                {
+                    "component": n,
+                    "previous": float(previous[n]),
+                    "current": float(current[n]),
+                    "delta": float(delta[i]),
+                    "weight": float(r[i]),
+                    "new_weight": float(new[i]),
+                }
+            )
+    return new_weights, rows
+
+
+def write_updated_spec(spec_path, new_weights: Mapping[str, float], output) -> None:
+    """Copy the spec YAML with ``topic_weights`` of the adjusted sources replaced."""
+    import yaml
+
+    from megatron_syne.data.spec import SpecError, parse_spec
+    from megatron_syne.utils.io import atomic_open
+
+    with open(spec_path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    sources = data.get("sources", {})
+    by_source: dict[str, dict[str, float]] = {}
+    for name, weight in new_weights.items():
+        source, topic = name.split("/", 1)
+        by_source.setdefault(source, {})[topic] = weight
+    for source, topics in by_source.items():
+        if source not in sources:
+            raise SpecError(f"{spec_path}: results name source {source!r}, not in the spec")
+        total = sum(topics.values())
+        # Rounded for readability, then fixed up so they sum to exactly 1 again.
+        rounded = {t: round(w / total, 6) for t, w in topics.items()}
+        largest = max(rounded, key=rounded.get)
+        rounded[largest] = round(rounded[largest] + 1.0 - sum(rounded.values()), 6)
+        sources[source]["topic_weights"] = rounded
+        if sources[source].get("topics"):
+            sources[source]["topics"] = list(rounded)
+    parse_spec(data, str(output))  # the written spec must be valid
+    with atomic_open(output, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)

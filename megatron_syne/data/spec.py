@@ -444,7 +444,9 @@ def parse_spec(data: Any, path: str = "<memory>") -> MixtureSpec:
     """Validate a parsed YAML document into a :class:`MixtureSpec` (raises :class:`SpecError`)."""
     try:
         data = _expect_mapping(data, "spec")
-        _check_keys(data, {"seed", "sources", "stages", "mixer", "description", "data_root"}, "spec")
+        _check_keys(
+            data, {"seed", "sources", "stages", "mixer", "description", "data_root"}, "spec"
+        )
         sources_data = _expect_mapping(data.get("sources"), "sources")
         if not sources_data:
             raise _fail("sources", "no sources defined")

@@ -119,7 +119,10 @@ def cross_entropy_floor(n_tokens: int, vocab: int, elem_bytes: int) -> dict[str,
 def linear_cross_entropy_floor(n_tokens: int, hidden: int, vocab: int) -> dict[str, float]:
     """FLOPs of the output layer + loss, forward and backward: three ``N x V x H`` products
     (logits, dH = G W, dW = G^T H); compute bound at the card's matrix throughput."""
-    return {"flops": 3 * 2.0 * n_tokens * vocab * hidden, "gemm_flops": 2.0 * n_tokens * vocab * hidden}
+    return {
+        "flops": 3 * 2.0 * n_tokens * vocab * hidden,
+        "gemm_flops": 2.0 * n_tokens * vocab * hidden,
+    }
 
 
 def format_table(rows: list[Measurement], floor_ms: float | None = None) -> str:

@@ -28,6 +28,7 @@ class RejectReason(StrEnum):
     TOO_LONG = "too_long"
     INVALID_UNICODE = "invalid_unicode"
     TRUNCATED_STREAM = "truncated_stream"
+    CORRUPT_STREAM = "corrupt_stream"
     DUPLICATE = "duplicate"
 
 

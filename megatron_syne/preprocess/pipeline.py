@@ -112,7 +112,8 @@ class PreprocessConfig:
     num_shards: int = 1
     shard_index: int = 0
     keep_partitions: bool = False
-    progress: bool = True
+    progress: bool = True  # tqdm bar; when False, a log line every log_interval documents
+    log_interval: int = 100_000  # documents
 
     def __post_init__(self) -> None:
         self.input = tuple(self.input) if not isinstance(self.input, str) else (self.input,)
@@ -127,6 +128,8 @@ class PreprocessConfig:
             raise ValueError(f"--partitions must be >= 1, got {self.partitions}")
         if self.partition_bytes < 1 << 16:
             raise ValueError("--partition-bytes must be at least 64 KiB")
+        if self.log_interval < 1:
+            raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
@@ -292,13 +295,17 @@ def _iter_unit_records(unit: WorkUnit, validator: Validator, config: PreprocessC
         return
     for line in iter_jsonl_lines(unit):
         if line.truncated:
+            problem = (
+                "compressed data is corrupt"
+                if line.corrupt
+                else "compressed stream ends before its end marker"
+            )
             yield reject_record(
                 unit.path,
                 line.number,
-                RejectReason.TRUNCATED_STREAM,
-                f"compressed stream ends before its end marker after line {line.number - 1}; "
-                "this is the partial last line, the rest of the file is missing: "
-                "re-copy or re-download the file",
+                RejectReason.CORRUPT_STREAM if line.corrupt else RejectReason.TRUNCATED_STREAM,
+                f"{problem} after line {line.number - 1}; this is the partial last line, the "
+                "rest of the file is unreadable: re-copy or re-download the file",
                 line.raw,
             )
         else:
@@ -354,10 +361,13 @@ def process_unit(task: UnitTask) -> UnitStats:
                 col["input_file"].extend([unit.path] * len(pending))
                 col["input_line"].extend(d.line for d in pending)
             stats.documents += len(pending)
+            new_tokens = stats.tokens[config.json_keys[0]] - first_key_tokens
             if counters is not None:
                 with counters.get_lock():
                     counters[0] += len(pending)
-                    counters[1] += stats.tokens[config.json_keys[0]] - first_key_tokens
+                    counters[1] += new_tokens
+            if "on_batch" in _WORKER:
+                _WORKER["on_batch"](len(pending), new_tokens)
             pending.clear()
 
         for item in _iter_unit_records(unit, validator, config):
@@ -470,37 +480,76 @@ def _environment(**variables: str):
                 os.environ[name] = value
 
 
+class _Progress:
+    """A tqdm bar over units (interactive), or a log line every ``log_interval`` documents
+    (``--no-progress``, e.g. Slurm logs). Counts come from workers through shared counters."""
+
+    def __init__(self, config: PreprocessConfig, units: int) -> None:
+        self.log_interval = config.log_interval
+        self.units, self.units_done = units, 0
+        self.next_log = config.log_interval
+        self.start = time.perf_counter()
+        self.bar = None
+        if config.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=units, unit="unit", desc="preprocess", dynamic_ncols=True)
+
+    def update(self, documents: int, tokens: int, units_done: int = 0) -> None:
+        self.units_done += units_done
+        if self.bar is not None:
+            self.bar.update(units_done)
+            self.bar.set_postfix(docs=documents, tokens=tokens, refresh=False)
+        elif documents >= self.next_log:
+            elapsed = time.perf_counter() - self.start
+            print(
+                f"processed {documents:,} documents, {tokens:,} tokens "
+                f"({tokens / max(elapsed, 1e-9):,.0f} tokens/s), "
+                f"units {self.units_done}/{self.units}",
+                flush=True,
+            )
+            self.next_log = (documents // self.log_interval + 1) * self.log_interval
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run_units(tasks: list[UnitTask], config: PreprocessConfig) -> list[UnitStats]:
     """Process units (largest first) with ``config.workers`` processes; results in task order."""
     results: list[UnitStats | None] = [None] * len(tasks)
-    total_docs = 0
-    progress = None
-    if config.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(tasks), unit="unit", desc="preprocess", dynamic_ncols=True)
+    progress = _Progress(config, len(tasks))
     order = sorted(range(len(tasks)), key=lambda i: (-tasks[i].unit.size, i))
     if config.workers == 1:
+        # In the main process; the tokenizer may use its native thread pool on every core.
+        counters = [0, 0]
+
+        def on_batch(documents: int, tokens: int) -> None:
+            counters[0] += documents
+            counters[1] += tokens
+            progress.update(*counters)
+
         _init_worker(None, single_threaded=False)
-        for i in order:
-            results[i] = process_unit(tasks[i])
-            total_docs += results[i].documents
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(docs=total_docs)
+        _WORKER["on_batch"] = on_batch
+        try:
+            for i in order:
+                results[i] = process_unit(tasks[i])
+                progress.update(*counters, units_done=1)
+        finally:
+            _WORKER.pop("on_batch", None)
     else:
         # fork (Linux): workers inherit the imported modules and the loaded tokenizer, so they
         # start in milliseconds instead of re-importing and re-loading (seconds each).
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         context = mp.get_context(method)
-        counters = context.Array("q", 2)
+        shared = context.Array("q", 2)
         with (
             _environment(TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1"),
             cf.ProcessPoolExecutor(
                 max_workers=min(config.workers, max(len(tasks), 1)),
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(counters, True),
+                initargs=(shared, True),
             ) as pool,
         ):
             futures = {pool.submit(process_unit, tasks[i]): i for i in order}
@@ -510,16 +559,12 @@ def _run_units(tasks: list[UnitTask], config: PreprocessConfig) -> list[UnitStat
                     done, pending = cf.wait(pending, timeout=0.5)
                     for future in done:
                         results[futures[future]] = future.result()
-                        if progress is not None:
-                            progress.update(1)
-                    if progress is not None:
-                        progress.set_postfix(docs=counters[0], tokens=counters[1], refresh=False)
+                    progress.update(shared[0], shared[1], units_done=len(done))
             except BaseException:
                 for future in pending:
                     future.cancel()
                 raise
-    if progress is not None:
-        progress.close()
+    progress.close()
     return results  # type: ignore[return-value]
 
 

@@ -23,6 +23,9 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + GZIP_SUFFIXES + ZSTD_SUFFIXES + PARQUET_SUFFIXES
 
 READ_CHUNK_BYTES = 4 << 20
+# Compressed input is fed to the decoder in small pieces: when the data is corrupt, only the
+# output of the failing piece is lost, everything decoded before it is kept.
+COMPRESSED_FEED_BYTES = 64 << 10
 
 
 class InputError(ValueError):
@@ -151,7 +154,12 @@ def assign_shard(files: list[str], num_shards: int, shard_index: int) -> list[st
 
 
 class TruncatedStreamError(Exception):
-    """A compressed stream ended before its end marker (a file cut during copy or download)."""
+    """A compressed stream ended before its end marker (a file cut during copy or download),
+    or its data is corrupt (``corrupt`` is True): nothing after the last good byte is readable."""
+
+    def __init__(self, message: str, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
 
 
 def _decompressed_chunks(path: str, fmt: str) -> Iterator[bytes]:
@@ -171,18 +179,23 @@ def _decompressed_chunks(path: str, fmt: str) -> Iterator[bytes]:
         decoder = new()
         pending = b""
         while True:
-            data = pending or f.read(READ_CHUNK_BYTES)
+            data = pending or f.read(COMPRESSED_FEED_BYTES)
             pending = b""
             if not data:
                 break
-            out = decoder.decompress(data)
+            try:
+                out = decoder.decompress(data)
+            except Exception as err:  # zlib.error / zstandard.ZstdError: corrupt data
+                raise TruncatedStreamError(
+                    f"{path}: corrupt compressed data ({err})", True
+                ) from err
             if out:
                 yield out
             if decoder.eof:
                 # Concatenated members/frames (pigz, `cat a.gz b.gz`): start a new decoder.
                 pending = decoder.unused_data
                 if not pending:
-                    pending = f.read(READ_CHUNK_BYTES)
+                    pending = f.read(COMPRESSED_FEED_BYTES)
                     if not pending:
                         return
                 decoder = new()
@@ -197,6 +210,7 @@ class Line:
     number: int  # 1-based line number in the (decompressed) file
     raw: bytes  # without the line terminator
     truncated: bool = False  # the rest of a line cut by a truncated compressed stream
+    corrupt: bool = False  # ... cut by corrupt compressed data instead
 
 
 def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
@@ -213,8 +227,8 @@ def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
             for raw in lines:
                 number += 1
                 yield Line(number, raw)
-    except TruncatedStreamError:
-        yield Line(number + 1, remainder, truncated=True)
+    except TruncatedStreamError as err:
+        yield Line(number + 1, remainder, truncated=True, corrupt=err.corrupt)
         return
     if remainder:
         yield Line(number + 1, remainder)

@@ -93,6 +93,7 @@ def read_problems(path: str | os.PathLike) -> tuple[list[dict], list[BadLine]]:
     if not path.is_file():
         raise FileNotFoundError(f"--problems {path} does not exist")
     problems, bad = [], []
+    seen_ids: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
@@ -111,6 +112,11 @@ def read_problems(path: str | os.PathLike) -> tuple[list[dict], list[BadLine]]:
                 digest = hashlib.sha1(f"{record['title']}\x00{record['description']}".encode())
                 record["id"] = "sha1:" + digest.hexdigest()
             record["id"] = str(record["id"])
+            if record["id"] in seen_ids:
+                reason = f"duplicate problem id {record['id']!r} (first on line {seen_ids[record['id']]})"
+                bad.append(BadLine(where, reason, raw[:500]))
+                continue
+            seen_ids[record["id"]] = line_no
             problems.append(record)
     return problems, bad
 

@@ -72,6 +72,7 @@ def read_seeds(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--seeds {path} does not exist")
+    seen_ids: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
@@ -95,6 +96,15 @@ def read_seeds(
                 continue
             text = text[: config.max_seed_chars]
             seed_id = str(record.get("id") or "sha1:" + hashlib.sha1(text.encode()).hexdigest())
+            if seed_id in seen_ids:
+                # Same id -> same item keys: the copy would be skipped as "done" unnoticed.
+                yield BadLine(
+                    where,
+                    f"duplicate seed id {seed_id!r} (first on line {seen_ids[seed_id]})",
+                    raw[:500],
+                )
+                continue
+            seen_ids[seed_id] = line_no
             lang = record.get("lang") or detect_lang(text)
             if lang not in ("zh", "en"):
                 yield BadLine(where, f"lang {lang!r} is neither 'zh' nor 'en'", raw[:500])

@@ -139,6 +139,9 @@ class TrainArgs:
     save: str | None = _arg(None, "checkpoint directory to save to")
     load: str | None = _arg(None, "checkpoint directory to resume or start from")
     save_interval: int | None = _arg(None, "save every N steps (and at the end)")
+    dist_ckpt_optim_fully_reshardable: bool = _arg(
+        False, "save distributed-optimizer state loadable with another TP/PP (gathers on save)"
+    )
     no_load_optim: bool = _arg(
         False, "do not restore optimizer state (start CPT from base weights)"
     )

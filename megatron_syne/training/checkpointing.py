@@ -10,15 +10,16 @@ finished, and only then is the ``latest`` marker replaced: a crash mid-save leav
 checkpoint as the one that is resumed. Because tensors are stored with their global
 coordinates, a checkpoint loads into any TP/PP/DP layout (the model is resharded on load).
 
-Contents: model (sharded), optimizer (sharded; the distributed optimizer in its reshardable
-``fully_sharded_model_space`` form), and common state: iteration, consumed samples/tokens,
+Contents: model (sharded), optimizer (sharded), and common state: iteration, consumed samples/tokens,
 the LR scheduler, the flags of the run, the parallel layout, hook states and skipped-step
-counters. RNG states are one ``ShardedObject`` per rank, restored only into the same layout.
+counters. The distributed optimizer is saved "dp_reshardable" (Megatron-LM's default) unless
+``--dist-ckpt-optim-fully-reshardable`` asks for the format that loads into any TP/PP. RNG states are one ``ShardedObject`` per rank, restored only into the same layout.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import random
 import re
 import shutil
@@ -122,6 +123,24 @@ def _parallel_layout() -> dict[str, int]:
     }
 
 
+def _optimizer_metadata(optimizer_sharding: str | None) -> dict | None:
+    if optimizer_sharding is None:
+        return None
+    return {"distrib_optim_sharding_type": optimizer_sharding}
+
+
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state to load into (and, without apex/TE, its
+    ``state_dict`` asserts on that); megatron-core's own remedy creates placeholder states, which
+    the load then overwrites together with the fp32 main parameters."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            with torch.no_grad():
+                inner._init_optimizer_states_with_dummy_values()
+
+
 def _rng_sharded_object(is_loading: bool):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -161,6 +180,17 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _use_in_process_write_results_queue() -> None:
+    """megatron-core's torch_dist writer reports results through a queue that it creates with
+    a *spawned* ``multiprocessing.Manager`` (a whole Python process: seconds per run, and one
+    that outlives a crashed trainer holding its stdout). For synchronous saves, which is all we
+    do, the queue is only used inside this process, so a plain ``queue.Queue`` serves."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(
     save: str | os.PathLike,
     iteration: int,
@@ -168,14 +198,19 @@ def save_checkpoint(
     optimizer,
     scheduler,
     common: dict,
+    optimizer_sharding: str | None = None,
 ) -> Path:
     """Write ``<save>/iter_<iteration>`` and then move the ``latest`` marker to it.
 
     ``common`` holds picklable, rank-independent state (counters, args, hook states); it is
-    stored by rank 0. Must be called on every rank. Returns the checkpoint directory.
+    stored by rank 0. ``optimizer_sharding`` is the distributed optimizer's format
+    ("dp_reshardable": fast, loads only with the same TP/PP; "fully_reshardable": gathered on
+    save, loads into any layout); None for the regular optimizer (always reshardable).
+    Must be called on every rank. Returns the checkpoint directory.
     """
     from megatron.core import dist_checkpointing
 
+    _use_in_process_write_results_queue()
     root = Path(save)
     final_dir = iteration_dir(root, iteration)
     partial_dir = final_dir.with_name(final_dir.name + ".partial")
@@ -189,10 +224,13 @@ def save_checkpoint(
 
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=False, metadata=_optimizer_metadata(optimizer_sharding)
+        )
     state["rng_state"] = _rng_sharded_object(is_loading=False)
     state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["has_optimizer"] = optimizer is not None
+    state["optimizer_sharding"] = optimizer_sharding
     state["checkpoint_version"] = FORMAT_VERSION
     state["iteration"] = iteration
     state["parallel_layout"] = _parallel_layout()
@@ -272,7 +310,20 @@ def load_checkpoint(
                 f"{location.directory} has no optimizer state; pass --no-load-optim to load "
                 "only the weights"
             )
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        saved_sharding = common.get("optimizer_sharding")
+        saved_layout, layout = common.get("parallel_layout", {}), _parallel_layout()
+        model_layout_changed = any(saved_layout.get(k) != layout[k] for k in ("tp", "pp"))
+        if saved_sharding == "dp_reshardable" and model_layout_changed:
+            raise CheckpointError(
+                f"{location.directory}: its distributed-optimizer state was saved in the "
+                f"dp_reshardable format for TP={saved_layout.get('tp')} PP={saved_layout.get('pp')} "
+                f"and cannot be loaded with TP={layout['tp']} PP={layout['pp']}; pass "
+                "--no-load-optim, or save with --dist-ckpt-optim-fully-reshardable"
+            )
+        _materialize_distributed_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=True, metadata=_optimizer_metadata(saved_sharding)
+        )
     same_layout = common.get("parallel_layout") == _parallel_layout()
     load_rng = load_rng and same_layout
     if load_rng:
@@ -282,7 +333,8 @@ def load_checkpoint(
     for i, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # copies into views of fp32 main params that require grad
+            optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and common.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:

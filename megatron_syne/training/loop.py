@@ -387,6 +387,11 @@ def pretrain(args: TrainArgs, hooks: list[TrainingHook] | None = None) -> TrainR
     consecutive_skips = 0
     saved_at = None
 
+    optimizer_sharding = None
+    if args.use_distributed_optimizer:
+        fully = args.dist_ckpt_optim_fully_reshardable
+        optimizer_sharding = "fully_reshardable" if fully else "dp_reshardable"
+
     def save(step: int) -> None:
         nonlocal saved_at
         common = {
@@ -396,7 +401,9 @@ def pretrain(args: TrainArgs, hooks: list[TrainingHook] | None = None) -> TrainR
             "args": args_to_dict(args),
             "hooks": {hook.name: hook.state_dict() for hook in hooks},
         }
-        path = save_checkpoint(args.save, step, model_chunks, optimizer, scheduler, common)
+        path = save_checkpoint(
+            args.save, step, model_chunks, optimizer, scheduler, common, optimizer_sharding
+        )
         result.checkpoints.append(str(path))
         saved_at = step
         writer.text(f"> saved checkpoint {path}")

@@ -67,7 +67,9 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits.float()
 
 
-def megatron_logits(load_dir: Path, tokens: torch.Tensor, tensor_parallel_size: int = 1) -> torch.Tensor:
+def megatron_logits(
+    load_dir: Path, tokens: torch.Tensor, tensor_parallel_size: int = 1
+) -> torch.Tensor:
     """Logits of the checkpoint at ``load_dir`` through megatron_syne's GPTModel (fp32, CPU).
 
     Runs in the calling process (TP=1) or under torchrun (TP=N, one call per rank). The model

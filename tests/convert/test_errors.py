@@ -80,7 +80,9 @@ def test_unexpected_bias_tensor_is_not_dropped(hf_dir, tmp_path):
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.layers.0.self_attn.q_proj.bias"] = "extra.safetensors"
     index_path.write_text(json.dumps(index))
-    with pytest.raises(ConversionError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"):
+    with pytest.raises(
+        ConversionError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"
+    ):
         _to_megatron(hf, tmp_path)
 
 
@@ -106,22 +108,31 @@ def test_shape_that_contradicts_config(hf_dir, tmp_path):
     config = json.loads((hf / "config.json").read_text())
     config["intermediate_size"] = 128
     (hf / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConversionError, match=r"gate_proj.weight: shape \[96, 64\], expected \[128, 64\]"):
+    with pytest.raises(
+        ConversionError, match=r"gate_proj.weight: shape \[96, 64\], expected \[128, 64\]"
+    ):
         _to_megatron(hf, tmp_path)
 
 
 def test_preset_and_layout_mismatch(hf_dir, tmp_path):
     with pytest.raises(ConversionError, match="does not match preset 'llama3-8b'"):
         _to_megatron(hf_dir, tmp_path, preset="llama3-8b")
-    with pytest.raises(ConversionError, match="num_query_groups=2 is not divisible by --target-tensor-parallel-size 4"):
+    with pytest.raises(
+        ConversionError,
+        match="num_query_groups=2 is not divisible by --target-tensor-parallel-size 4",
+    ):
         _to_megatron(hf_dir, tmp_path, target_tensor_parallel_size=4)
-    with pytest.raises(ConversionError, match="num_layers=1 is not divisible by --target-pipeline-parallel-size 2"):
+    with pytest.raises(
+        ConversionError, match="num_layers=1 is not divisible by --target-pipeline-parallel-size 2"
+    ):
         _to_megatron(hf_dir, tmp_path, target_pipeline_parallel_size=2)
 
 
 def test_existing_output_needs_overwrite(hf_dir, megatron_dir):
     with pytest.raises(ConversionError, match="is not empty.*--overwrite"):
-        convert_hf_to_megatron(HFToMegatronConfig(hf_dir=hf_dir, save=megatron_dir, show_progress=False))
+        convert_hf_to_megatron(
+            HFToMegatronConfig(hf_dir=hf_dir, save=megatron_dir, show_progress=False)
+        )
 
 
 def test_missing_and_incomplete_megatron_checkpoints(megatron_dir, tmp_path):
@@ -155,7 +166,16 @@ def test_corrupt_megatron_checkpoint(megatron_dir, tmp_path):
 
 def test_cli_reports_errors_without_traceback(hf_dir, tmp_path, capsys):
     rc = cli_main(
-        ["hf-to-megatron", "--hf-dir", str(hf_dir), "--save", str(tmp_path / "o"), "--preset", "llama3-70b", "--no-progress"]
+        [
+            "hf-to-megatron",
+            "--hf-dir",
+            str(hf_dir),
+            "--save",
+            str(tmp_path / "o"),
+            "--preset",
+            "llama3-70b",
+            "--no-progress",
+        ]
     )
     assert rc == 2
     err = capsys.readouterr().err

@@ -10,7 +10,11 @@ from safetensors.torch import load_file
 
 from megatron_syne.convert import layout as L
 from megatron_syne.convert.arch import ConversionError, LlamaArch
-from megatron_syne.convert.hf_checkpoint import INDEX_NAME, HFCheckpointReader, StreamingSafetensorsWriter
+from megatron_syne.convert.hf_checkpoint import (
+    INDEX_NAME,
+    HFCheckpointReader,
+    StreamingSafetensorsWriter,
+)
 from megatron_syne.convert.megatron_to_hf import parse_size
 
 LLAMA3_8B_CONFIG = {  # Meta-Llama-3-8B/config.json as released (legacy rope_theta field)

@@ -39,7 +39,10 @@ def converted(tmp_path_factory):
     )
     to_hf = convert_megatron_to_hf(
         MegatronToHFConfig(
-            load=root / "megatron", save=root / "hf_back", max_shard_size="30KB", show_progress=False
+            load=root / "megatron",
+            save=root / "hf_back",
+            max_shard_size="30KB",
+            show_progress=False,
         )
     )
     # Loaded here, before any test builds a Megatron model: the CPU compatibility layer that

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import random
 from collections import Counter
 
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_syne.data.metadata import read_metadata
+from megatron_syne.data.metadata import read_metadata, text_hash
 from megatron_syne.preprocess.pipeline import PreprocessConfig, PreprocessError, run_preprocess
 
 GOOD = [json.dumps({"text": f"good document number {i}", "lang": "en"}) for i in range(40)]
@@ -28,12 +29,12 @@ BAD_LINES = {
 }
 
 
-def _config(inputs, out, **kw):
+def _config(inputs, out, max_chars=100, **kw):
     return PreprocessConfig(
         input=tuple(map(str, inputs)),
         output_prefix=str(out),
         append_eod=True,
-        max_chars=100,
+        max_chars=max_chars,
         progress=False,
         **kw,
     )
@@ -117,3 +118,26 @@ def test_missing_input_is_a_clear_error(tmp_path):
         run_preprocess(_config([tmp_path / "nope.jsonl"], tmp_path / "out"))
     with pytest.raises(InputError, match="matched no input files"):
         run_preprocess(_config([str(tmp_path / "*.jsonl.gz")], tmp_path / "out"))
+
+
+def test_corrupt_gzip_keeps_what_decodes(tmp_path):
+    rng = random.Random(0)
+    # Random digits compress poorly, so the corruption lands mid-file, many pieces in.
+    lines = [
+        json.dumps({"text": " ".join(str(rng.random()) for _ in range(30))}) for _ in range(1000)
+    ]
+    data = bytearray(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
+    middle = len(data) // 2
+    data[middle : middle + 16] = b"\xff" * 16
+    path = tmp_path / "corrupt.jsonl.gz"
+    path.write_bytes(bytes(data))
+    summary = run_preprocess(
+        _config([path], tmp_path / "out", max_chars=10_000, max_reject_fraction=1.0)
+    )
+    rejects = [json.loads(r) for r in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["corrupt_stream"]
+    kept = summary.stats.documents
+    assert rejects[0]["line"] == kept + 1
+    assert 300 < kept < 500  # everything decoded before the corrupt 64 KiB piece is kept
+    hashes = read_metadata(f"{tmp_path}/out_text_document").column("hash").to_pylist()
+    assert hashes == [text_hash(json.loads(line)["text"]) for line in lines[:kept]]

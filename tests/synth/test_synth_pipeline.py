@@ -87,6 +87,7 @@ def test_every_reject_reason_and_redo_of_failed_requests(tmp_path):
         },
         {"text": "too short"},
         {"id": "bad-discipline", "text": paras[1], "discipline": "poetry"},
+        {"id": "good-zh", "text": ZH + "再说一遍。"},
     ]
     seed_file = tmp_path / "seeds.jsonl"
     _write_seeds(seed_file, seeds)
@@ -119,7 +120,7 @@ def test_every_reject_reason_and_redo_of_failed_requests(tmp_path):
         summary = _run_science(base, seed_file, out, [evalset])
     assert summary["accepted"] == 2, summary
     assert summary["rejected_by_reason"] == {
-        "bad_input": 3,
+        "bad_input": 4,
         "near_duplicate": 1,
         "truncated": 1,
         "malformed": 1,
@@ -143,8 +144,9 @@ def test_every_reject_reason_and_redo_of_failed_requests(tmp_path):
     reasons = {r.get("seed_id", r["detail"][:40]): r["reason"] for r in rejects}
     assert reasons["trunc"] == "truncated" and reasons["malformed"] == "malformed"
     assert reasons["wrong-lang"] == "wrong_language" and reasons[en_dropped] == "near_duplicate"
-    assert any("seeds.jsonl:11" in r["detail"] and "not valid JSON" in r["detail"] for r in rejects)
+    assert any("seeds.jsonl:12" in r["detail"] and "not valid JSON" in r["detail"] for r in rejects)
     assert any("poetry" in r["detail"] for r in rejects)
+    assert any("duplicate seed id 'good-zh' (first on line 2)" in r["detail"] for r in rejects)
     errors = (tmp_path / "sci.errors.jsonl").read_text().splitlines()
     assert len(errors) == 1 and json.loads(errors[0])["seed_id"] == "server-down"
     assert (tmp_path / "sci.summary.json").exists() and (tmp_path / "sci.summary.png").exists()

@@ -14,12 +14,26 @@ from megatron_syne.data.metadata import write_metadata
 
 # A separable toy taxonomy in two languages: two English and two Chinese topics.
 TOY_WORDS = {
-    "en_sport": ("en", "football goal match team player coach league stadium score referee".split()),
+    "en_sport": (
+        "en",
+        "football goal match team player coach league stadium score referee".split(),
+    ),
     "en_cooking": ("en", "recipe oven flour sugar butter bake kitchen dinner sauce salt".split()),
     "zh_sport": ("zh", list("足球比赛球队球员教练联赛进球裁判冠军体育")),
     "zh_cooking": ("zh", list("菜谱烤箱面粉白糖黄油厨房晚餐酱油盐炒锅")),
 }
 FILLER = {"en": "the a of and to in is was it".split(), "zh": list("的了是在和有我他这")}
+
+
+def load_tool(relative: str):
+    """Import a tools/ script as a module (tools/ is not a package) to call its main(argv)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / relative
+    spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_toy_taxonomy(path: Path, duplicate: bool = False) -> Path:
@@ -35,13 +49,18 @@ def write_toy_taxonomy(path: Path, duplicate: bool = False) -> Path:
     ]
     if duplicate:
         topics.append(dict(topics[0], name="again"))
-    path.write_text(yaml.safe_dump({"name": "toy", "version": 1, "topics": topics}, allow_unicode=True))
+    path.write_text(
+        yaml.safe_dump({"name": "toy", "version": 1, "topics": topics}, allow_unicode=True)
+    )
     return path
 
 
 def toy_document(topic: str, rng: random.Random, n_words: int = 30) -> str:
     lang, words = TOY_WORDS[topic]
-    tokens = [rng.choice(words) if rng.random() < 0.5 else rng.choice(FILLER[lang]) for _ in range(n_words)]
+    tokens = [
+        rng.choice(words) if rng.random() < 0.5 else rng.choice(FILLER[lang])
+        for _ in range(n_words)
+    ]
     return (" " if lang == "en" else "").join(tokens)
 
 

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--log-interval",
         type=int,
-        default=1,
-        help="accepted for Megatron-LM compatibility; progress is a live tqdm bar",
+        default=100_000,
+        help="with --no-progress: print a progress line every this many documents",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_index=args.shard_index,
             keep_partitions=args.keep_partitions,
             progress=not args.no_progress,
+            log_interval=args.log_interval,
         )
         summary = run_preprocess(config)
     except (ValueError, InputError, TokenizerError, PreprocessError) as err:

@@ -1,0 +1,162 @@
+"""PPL distribution report: percentiles, curriculum bucket boundaries and histograms per group
+(by default per source and language) from the ``ppl`` column written by the scorer.
+
+Bucket boundaries: CCNet's head/middle/tail split at the 30th and 60th percentiles, and the
+``num_buckets``-quantiles a finer easy-to-hard curriculum would use. Boundaries are computed
+per group because PPL is not comparable across sources and languages (code and web text sit
+at very different PPL), so ordering should happen within a group, not across the blend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_syne.data.metadata import read_metadata
+from megatron_syne.utils.io import atomic_open, atomic_path
+
+PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
+CCNET_PERCENTILES = (30, 60)
+
+
+@dataclass
+class GroupStats:
+    key: str
+    n_documents: int
+    n_scored: int
+    status_counts: dict[str, int]
+    percentiles: dict[str, float]
+    ccnet_boundaries: list[float]
+    quantile_boundaries: list[float]
+    log_ppl: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {
+            "group": self.key,
+            "n_documents": self.n_documents,
+            "n_scored": self.n_scored,
+            "status_counts": self.status_counts,
+            "percentiles": self.percentiles,
+            "ccnet_head_middle_tail_boundaries": self.ccnet_boundaries,
+            "quantile_boundaries": self.quantile_boundaries,
+        }
+
+
+def _stats(key: str, ppl: np.ndarray, status: list[str], num_buckets: int) -> GroupStats:
+    ok = np.array([s == "ok" for s in status]) & np.isfinite(ppl)
+    values = ppl[ok]
+    counts: dict[str, int] = {}
+    for s in status:
+        counts[s or "unscored"] = counts.get(s or "unscored", 0) + 1
+    if len(values):
+        pct = {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+        ccnet = [float(np.percentile(values, p)) for p in CCNET_PERCENTILES]
+        quant = [float(np.quantile(values, q / num_buckets)) for q in range(1, num_buckets)]
+    else:
+        pct, ccnet, quant = {}, [], []
+    return GroupStats(key, len(status), int(ok.sum()), counts, pct, ccnet, quant, np.log(values))
+
+
+def ppl_report(
+    data_prefixes: list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    group_by: tuple[str, ...] = ("source", "lang"),
+    num_buckets: int = 4,
+) -> list[GroupStats]:
+    """Write ``ppl_report.json``, ``ppl_report.md`` and ``ppl_histogram.png``; return the stats
+    (first entry: all documents together)."""
+    if num_buckets < 2:
+        raise ValueError("--num-buckets must be >= 2")
+    ppl_parts, status_parts, key_parts = [], [], []
+    for prefix in data_prefixes:
+        table = read_metadata(prefix)
+        missing = [c for c in ("ppl", "ppl_status", *group_by) if c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"{prefix}: metadata has no column(s) {missing}; run tools/ppl/score_ppl.py "
+                "first (and tools/topics/label.py for `topic`)"
+            )
+        ppl_parts.append(table.column("ppl").to_numpy(zero_copy_only=False).astype(np.float64))
+        status_parts.extend(table.column("ppl_status").to_pylist())
+        columns = [table.column(c).to_pylist() for c in group_by]
+        key_parts.extend("/".join(str(v) for v in values) for values in zip(*columns))
+    ppl = np.concatenate(ppl_parts) if ppl_parts else np.zeros(0)
+    keys = np.array(key_parts, dtype=object)
+    groups = [_stats("all", ppl, status_parts, num_buckets)]
+    for key in sorted(set(key_parts)):
+        sel = keys == key
+        groups.append(
+            _stats(key, ppl[sel], [s for s, m in zip(status_parts, sel) if m], num_buckets)
+        )
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "data_prefixes": [str(p) for p in data_prefixes],
+        "group_by": list(group_by),
+        "num_buckets": num_buckets,
+        "groups": [g.to_dict() for g in groups],
+    }
+    with atomic_open(output_dir / "ppl_report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    with atomic_open(output_dir / "ppl_report.md", "w") as f:
+        f.write(format_report(groups, group_by, num_buckets) + "\n")
+    plot_histograms(groups, output_dir / "ppl_histogram.png", group_by)
+    return groups
+
+
+def format_report(groups: list[GroupStats], group_by, num_buckets: int) -> str:
+    cols = [f"p{p}" for p in PERCENTILES]
+    lines = [
+        f"## PPL percentiles per {'/'.join(group_by)}",
+        "",
+        "| group | documents | scored | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    for g in groups:
+        values = " | ".join(f"{g.percentiles[c]:.2f}" if g.percentiles else "-" for c in cols)
+        lines.append(f"| {g.key} | {g.n_documents} | {g.n_scored} | {values} |")
+    lines += [
+        "",
+        "## Curriculum bucket boundaries (PPL)",
+        "",
+        f"| group | CCNet head < p30 | middle < p60 | {num_buckets}-quantile boundaries |",
+        "|---|---|---|---|",
+    ]
+    for g in groups:
+        head, middle = (f"{b:.2f}" for b in g.ccnet_boundaries) if g.ccnet_boundaries else "--"
+        quant = ", ".join(f"{b:.2f}" for b in g.quantile_boundaries) or "-"
+        lines.append(f"| {g.key} | {head} | {middle} | {quant} |")
+    return "\n".join(lines)
+
+
+def plot_histograms(groups: list[GroupStats], path: Path, group_by) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(groups)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        if len(g.log_ppl):
+            ax.hist(g.log_ppl, bins=40, color="tab:blue", alpha=0.8)
+            for b, style in zip(g.ccnet_boundaries, ("--", ":")):
+                ax.axvline(math.log(b), color="tab:red", linestyle=style, linewidth=1)
+        ax.set_title(f"{g.key} ({g.n_scored} scored)", fontsize=9)
+        ax.set_xlabel("log PPL (red: p30, p60)")
+        ax.set_ylabel("documents")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"document PPL per {'/'.join(group_by)}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

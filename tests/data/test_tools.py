@@ -1,0 +1,84 @@
+"""tools/mixture/plan.py and update.py, run in-process on the test corpus."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"mixture_{name}", REPO / "tools/mixture" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SPEC = {
+    "sources": {
+        "web-zh": {"path": "web-zh", "split_by_topic": True, "valid_fraction": 0.1,
+                   "curriculum": {"order": "ppl_ascending", "buckets": 3}},
+        "code-en": {"path": "code-en", "on_exhaustion": "repeat"},
+    },
+    "stages": [
+        {"name": "one", "iterations": 40,
+         "groups": {"all": {"ratio": 1.0, "sources": {"web-zh": 0.5, "code-en": 0.5}}}},
+    ],
+    "mixer": {"interval_iterations": 10, "alpha": 1.0, "max_change": 0.05},
+}  # fmt: skip
+
+
+def test_plan_prints_tokens_epochs_and_draws(corpus, tmp_path, capsys):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "data_root": str(corpus)}, sort_keys=False))
+    png = tmp_path / "plan.png"
+    code = _tool("plan").main(
+        [str(spec_path), "--seq-length", "32", "--global-batch-size", "4", "--png", str(png)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "stage one: 5.12K tokens, 40 iterations (mixer active)" in out
+    assert "web-zh/law" in out and "1 documents without a PPL score" in out
+    # code-en: 30 documents, 40 x 4 x 0.5 = 80 samples of 32 tokens > one epoch -> warning.
+    assert "code-en" in out and "WARNING: repeats" in out
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_fails_on_a_ppl_curriculum_without_scores(corpus, tmp_path, capsys):
+    bad = {**SPEC, "data_root": str(corpus)}
+    bad["sources"] = {
+        **SPEC["sources"],
+        "code-en": {"path": "code-en", "curriculum": "ppl_ascending"},
+    }
+    spec_path = tmp_path / "bad.yaml"
+    spec_path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    code = _tool("plan").main([str(spec_path), "--seq-length", "32", "--global-batch-size", "4"])
+    assert code == 1
+    assert "needs the 'ppl' metadata column" in capsys.readouterr().err
+
+
+def test_update_writes_next_round_weights(corpus, tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "data_root": str(corpus)}, sort_keys=False))
+    names = ["web-zh/history", "web-zh/law", "web-zh/science"]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({
+        "weights": dict.fromkeys(names, 1 / 3),
+        "previous": dict(zip(names, [1.26, 1.82, 1.54])),
+        "current": dict(zip(names, [1.32, 1.45, 1.60])),
+    }))  # fmt: skip
+    output = tmp_path / "next.yaml"
+    assert (
+        _tool("update").main([str(spec_path), "--results", str(results), "--output", str(output)])
+        == 0
+    )
+    weights = yaml.safe_load(output.read_text())["sources"]["web-zh"]["topic_weights"]
+    assert abs(sum(weights.values()) - 1) < 1e-9
+    assert weights["history"] > 1 / 3 and weights["science"] > 1 / 3
+    assert abs(weights["law"] - (1 / 3 - 0.05)) < 1e-6  # the big improver hits max_change
