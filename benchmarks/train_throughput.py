@@ -56,7 +56,9 @@ def measure(model_name: str, options: argparse.Namespace) -> dict:
         model=model_name,
         device=options.device,
         seq_length=options.seq_length,
-        max_position_embeddings=max(options.seq_length, get_preset(model_name).max_position_embeddings),
+        max_position_embeddings=max(
+            options.seq_length, get_preset(model_name).max_position_embeddings
+        ),
         micro_batch_size=options.micro_batch_size,
         global_batch_size=options.micro_batch_size * options.grad_accum,
         train_iters=options.warmup + options.steps,
@@ -69,7 +71,11 @@ def measure(model_name: str, options: argparse.Namespace) -> dict:
     model_chunks = build_model(args)
     optimizer = build_optimizer(args, model_chunks)
     dataset = RandomTokens(args.seq_length, args.preset.vocab_size)
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if args.device == "cuda"
+        else torch.device("cpu")
+    )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -141,13 +147,25 @@ def to_markdown(rows: list[dict], device: str, options: argparse.Namespace) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=None, help="presets (default: GPU pair, or tiny on CPU)")
-    parser.add_argument("--seq-length", type=int, default=None, help="default 4096 on GPU, 256 on CPU")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="default 2 on GPU, 1 on CPU")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="presets (default: GPU pair, or tiny on CPU)"
+    )
+    parser.add_argument(
+        "--seq-length", type=int, default=None, help="default 4096 on GPU, 256 on CPU"
+    )
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=None, help="default 2 on GPU, 1 on CPU"
+    )
     parser.add_argument("--grad-accum", type=int, default=1, help="micro batches per step")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 GPU, 5 CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default 10 GPU, 5 CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of bf16 on GPU")
     parser.add_argument("--cross-entropy-fusion", choices=["native", "te", "syne"], default=None)
@@ -168,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(name, options)
         rows.append(row)
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-        print(f"{name}: {row['tokens_per_s']:,.0f} tokens/s, {row['tflops']:.3f} TFLOP/s, MFU {mfu}", flush=True)
+        print(
+            f"{name}: {row['tokens_per_s']:,.0f} tokens/s, {row['tflops']:.3f} TFLOP/s, MFU {mfu}",
+            flush=True,
+        )
     table = to_markdown(rows, device_name(options.device), options)
     print(table)
     if options.output:

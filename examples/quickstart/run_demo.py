@@ -56,7 +56,9 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> tuple[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", default="demo_output")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--vocab-size", type=int, default=4096, help="mock-data vocabulary")
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     png = out / "loss_curve.png"
     train, valid = plot_loss_curve(
-        metrics, png, f"tiny Llama-3 ({args.preset.num_parameters / 1e6:.1f}M params), mock data, CPU"
+        metrics,
+        png,
+        f"tiny Llama-3 ({args.preset.num_parameters / 1e6:.1f}M params), mock data, CPU",
     )
     first, last = train[0][1], train[-1][1]
     tokens = result.consumed_samples * args.seq_length
@@ -105,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.preset.num_query_groups} heads, RoPE base {args.preset.rotary_base:g})")  # fmt: skip
     print(f"trained          : {result.iteration} steps, {tokens:,} tokens in {elapsed:.0f} s "
           f"({tokens / elapsed:,.0f} tokens/s), {result.skipped_steps} skipped steps")  # fmt: skip
-    print(f"training loss    : {first:.3f} -> {last:.3f} (uniform guess: {math.log(args.preset.vocab_size):.3f})")
+    print(
+        f"training loss    : {first:.3f} -> {last:.3f} (uniform guess: {math.log(args.preset.vocab_size):.3f})"
+    )
     if valid:
         print(f"validation loss  : {valid[0][1]:.3f} -> {valid[-1][1]:.3f}")
     print(f"loss curve (PNG) : {png}")
     print(f"checkpoint       : {result.checkpoints[-1] if result.checkpoints else 'none'}")
-    print(f"metrics          : {metrics}  (TensorBoard: tensorboard --logdir {out / 'tensorboard'})")
+    print(
+        f"metrics          : {metrics}  (TensorBoard: tensorboard --logdir {out / 'tensorboard'})"
+    )
     return 0
 
 

@@ -240,7 +240,11 @@ def convert_hf_to_megatron(config: HFToMegatronConfig) -> ConversionSummary:
         partial = iter_dir.with_name(iter_dir.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
-        save_torch_dist(partial, state)
+        try:
+            save_torch_dist(partial, state)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         steps.update()
         steps.close()
         tensors.clear()

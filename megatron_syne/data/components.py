@@ -124,9 +124,11 @@ def resolve_source(
     if source.split_by_topic:
         if "topic" not in columns:
             raise SpecError(f"{where}: split_by_topic needs a topic column; run tools/topics/")
-        topics_col = np.array(meta.column("topic").to_pylist(), dtype=object)
-        unlabeled = keep & np.array([t is None for t in topics_col])
-        present = sorted({t for t in topics_col[keep] if t is not None})
+        topics_col = meta.column("topic")
+        unlabeled = keep & np.asarray(pc.is_null(topics_col))
+        present = sorted(
+            t for t in pc.unique(topics_col.filter(pa.array(keep))).to_pylist() if t is not None
+        )
         if source.topics:
             unknown = [t for t in source.topics if t not in present]
             if unknown:
@@ -134,7 +136,9 @@ def resolve_source(
                     f"{where}.topics: topic(s) {unknown} do not occur in {prefix} "
                     f"(present: {present})"
                 )
-            listed = np.array([t in source.topics for t in topics_col])
+            listed = np.asarray(
+                pc.fill_null(pc.is_in(topics_col, value_set=_string_array(source.topics)), False)
+            )
             excluded["topic not listed"] = int((keep & ~listed & ~unlabeled).sum())
             excluded["topic missing (null)"] = int(unlabeled.sum())
             keep &= listed
@@ -158,15 +162,21 @@ def resolve_source(
                 f"{where}.curriculum: order {source.curriculum.order} needs the '{column}' "
                 f"metadata column, which {prefix} does not have; score it with tools/ppl/"
             )
-        scores = np.array(meta.column(column).to_pylist(), dtype=np.float64)
+        scores = np.asarray(
+            pc.fill_null(meta.column(column).cast(pa.float64()), float("nan")), dtype=np.float64
+        ).copy()
         if "ppl_status" in columns:
-            status = np.array(meta.column("ppl_status").to_pylist(), dtype=object)
-            scores[status != "ok"] = np.nan
+            ok = np.asarray(pc.fill_null(pc.equal(meta.column("ppl_status"), "ok"), False))
+            scores[~ok] = np.nan
 
     components = []
     all_ids = np.arange(n_docs, dtype=np.int32)
     for topic in topics:
-        mask = keep if topic is None else keep & (topics_col == topic)
+        mask = (
+            keep
+            if topic is None
+            else keep & np.asarray(pc.fill_null(pc.equal(topics_col, topic), False))
+        )
         documents = all_ids[mask]
         name = component_name(source.name, topic)
         if len(documents) == 0:

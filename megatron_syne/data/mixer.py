@@ -217,6 +217,9 @@ def load_eval_results(path) -> tuple[dict, dict, dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        # A resumed run re-measures what came after its checkpoint: the last record counts.
+        records = list({r["iteration"]: r for r in records}.values())
+        records.sort(key=lambda r: r["iteration"])
         if len(records) < 2:
             raise ValueError(f"{path}: need at least two measurements, found {len(records)}")
         return (

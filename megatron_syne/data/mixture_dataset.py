@@ -28,7 +28,7 @@ from megatron.core.datasets.utils import Split
 
 from megatron_syne.data.blending import build_phased_blending_indices
 from megatron_syne.data.components import Component
-from megatron_syne.data.curriculum import CurriculumGPTDataset
+from megatron_syne.data.curriculum import CurriculumError, CurriculumGPTDataset
 from megatron_syne.data.schedule import MixturePlan
 from megatron_syne.data.spec import CurriculumSpec
 from megatron_syne.utils.io import atomic_path
@@ -358,6 +358,13 @@ def build_validation_dataset(
     """The held-out set of a component in document order, or None when it has none."""
     if len(component.valid_documents) == 0:
         return None
+    tokens = int(indexed_dataset.sequence_lengths[component.valid_documents].sum())
+    if tokens <= config.sequence_length + int(config.add_extra_token_to_sequence):
+        raise CurriculumError(
+            f"{component.name}: its {len(component.valid_documents)} held-out documents have "
+            f"{tokens} tokens, less than one sample of {config.sequence_length}; raise "
+            f"valid_fraction or valid_min_documents of source {component.source}"
+        )
     return CurriculumGPTDataset(
         indexed_dataset,
         component.prefix,

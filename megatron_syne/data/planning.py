@@ -216,3 +216,52 @@ def plot_plan(
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return output
+
+
+def read_mixer_history(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``mixer_history-*.jsonl`` file (one per measurement)."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: mixer history not found (written to --save by the mixer)")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    # A resumed run re-measures what came after its checkpoint: the last record counts.
+    return sorted({r["iteration"]: r for r in records}.values(), key=lambda r: r["iteration"])
+
+
+def plot_mixer_history(history: list[dict], output: str | os.PathLike) -> Path:
+    """PNG: per-topic validation loss (top) and topic weights inside their source (bottom),
+    over consumed tokens, one line per component."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("the mixer history is empty: no measurement was made")
+    tokens = np.array([r["consumed_tokens"] for r in history], dtype=np.float64)
+    names = list(history[0]["losses"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    for name in names:
+        (line,) = top.plot(
+            tokens, [r["losses"][name] for r in history], marker="o", ms=3, label=name
+        )
+        bottom.step(
+            tokens,
+            [r["weights_after"][name] for r in history],
+            where="post",
+            color=line.get_color(),
+            label=name,
+        )
+    top.set_ylabel("held-out loss (nats/token)")
+    top.set_title("per-topic validation loss and topic weights (SynE rule)")
+    bottom.set_ylabel("topic weight inside its source")
+    bottom.set_xlabel("consumed tokens")
+    top.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return output

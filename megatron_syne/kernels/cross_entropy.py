@@ -405,6 +405,24 @@ def vocab_shard(n_local: int, group) -> tuple[int, int]:
     return dist.get_rank(group) * n_local, n_local * dist.get_world_size(group)
 
 
+def check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise on target ids outside ``[0, vocab_size)`` (other than ``ignore_index``).
+
+    Checked for CPU tensors only: on CUDA the check would synchronise the stream every step
+    (megatron-core does not check either); there such ids contribute a target logit of 0.
+    """
+    if target.device.type != "cpu" or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad.reshape(-1))[0])
+        raise ValueError(
+            f"{int(bad.sum())} target ids lie outside the vocabulary [0, {vocab_size}); the first "
+            f"is {int(target.reshape(-1)[first])} at flat position {first}. Mark tokens without "
+            f"a loss with ignore_index={ignore_index} or fix the vocabulary size."
+        )
+
+
 def token_weights(
     target: torch.Tensor, ignore_index: int, loss_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -590,6 +608,7 @@ def vocab_parallel_cross_entropy(
     group = resolve_tp_group(tp_group)
     if group is not None and dist.get_world_size(group) == 1:
         group = None
+    check_targets(target, vocab_shard(logits.shape[-1], group)[1], ignore_index)
     return _VocabParallelCrossEntropy.apply(
         logits,
         target,

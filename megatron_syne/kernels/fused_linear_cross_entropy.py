@@ -41,6 +41,7 @@ from megatron_syne.kernels.cross_entropy import (
     Reduction,
     _fused_stats_and_grad,
     allreduce_row_stats,
+    check_targets,
     local_row_stats,
     reduction_scale,
     resolve_tp_group,
@@ -332,6 +333,7 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"target has {target.numel()} tokens but the (gathered) hidden states have {n_rows}"
         )
+    check_targets(target, vocab_shard(weight.shape[0], group)[1], ignore_index)
     if loss_mask is not None:
         loss_mask = loss_mask.reshape(-1)
         if loss_mask.numel() != n_rows:

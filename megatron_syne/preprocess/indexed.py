@@ -283,27 +283,33 @@ def _merge_metadata(
     with atomic_path(metadata_path(output_prefix)) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for path, mask, count in zip(paths, keep, counts):
-                table = pq.ParquetFile(path).read()
-                if table.num_rows != count:
+                parquet = pq.ParquetFile(path)
+                if parquet.metadata.num_rows != count:
                     raise MetadataError(
-                        f"{path}: {table.num_rows} rows for {count} documents; re-preprocess"
+                        f"{path}: {parquet.metadata.num_rows} rows for {count} documents; "
+                        "re-preprocess"
                     )
-                if mask is not None:
-                    table = table.filter(pa.array(mask))
-                for name in schema.names:
-                    if name not in table.column_names:
-                        table = table.append_column(
-                            name, pa.nulls(table.num_rows, schema.field(name).type)
-                        )
-                buffered.append(table.select(schema.names).cast(schema))
-                # Fixed-size row groups: the file's bytes do not depend on how the documents
-                # were split into inputs (work units), only on the rows themselves.
-                if sum(t.num_rows for t in buffered) >= METADATA_ROW_GROUP_ROWS:
-                    combined = pa.concat_tables(buffered)
-                    full = combined.num_rows - combined.num_rows % METADATA_ROW_GROUP_ROWS
-                    for start in range(0, full, METADATA_ROW_GROUP_ROWS):
-                        writer.write_table(combined.slice(start, METADATA_ROW_GROUP_ROWS))
-                    buffered = [combined.slice(full)]
+                offset = 0
+                # Streamed in batches: memory is one batch plus one pending row group.
+                for batch in parquet.iter_batches(batch_size=METADATA_ROW_GROUP_ROWS):
+                    table = pa.Table.from_batches([batch])
+                    if mask is not None:
+                        table = table.filter(pa.array(mask[offset : offset + batch.num_rows]))
+                    offset += batch.num_rows
+                    for name in schema.names:
+                        if name not in table.column_names:
+                            table = table.append_column(
+                                name, pa.nulls(table.num_rows, schema.field(name).type)
+                            )
+                    buffered.append(table.select(schema.names).cast(schema))
+                    # Fixed-size row groups: the file's bytes do not depend on how documents
+                    # were split into inputs (work units), only on the rows themselves.
+                    if sum(t.num_rows for t in buffered) >= METADATA_ROW_GROUP_ROWS:
+                        combined = pa.concat_tables(buffered)
+                        full = combined.num_rows - combined.num_rows % METADATA_ROW_GROUP_ROWS
+                        for start in range(0, full, METADATA_ROW_GROUP_ROWS):
+                            writer.write_table(combined.slice(start, METADATA_ROW_GROUP_ROWS))
+                        buffered = [combined.slice(full)]
             rest = pa.concat_tables(buffered) if buffered else schema.empty_table()
             if rest.num_rows or not buffered:
                 writer.write_table(rest)

@@ -323,15 +323,22 @@ def process_unit(task: UnitTask) -> UnitStats:
         tokens={k: 0 for k in config.json_keys}, characters={k: 0 for k in config.json_keys}
     )
     rejects: Counter[str] = Counter()
-    columns = {
-        k: {name: [] for name in metadata_schema(config.extra_metadata_keys).names}
-        for k in config.json_keys
-    }
+    schema = metadata_schema(config.extra_metadata_keys)
     prefixes = {k: _unit_prefix(task.parts_dir, unit, k) for k in config.json_keys}
 
     with contextlib.ExitStack() as stack:
         tmp_bins = {k: stack.enter_context(atomic_path(bin_path(p))) for k, p in prefixes.items()}
         writers = {k: TokenBinWriter(tmp_bins[k], dtype) for k in config.json_keys}
+        # Metadata is written batch by batch (small row groups; the final merge re-groups
+        # them), so a unit's memory does not grow with its number of documents.
+        meta_writers = {
+            k: stack.enter_context(
+                pq.ParquetWriter(
+                    stack.enter_context(atomic_path(metadata_path(p))), schema, compression="zstd"
+                )
+            )
+            for k, p in prefixes.items()
+        }
         reject_file = stack.enter_context(
             atomic_open(_unit_rejects(task.parts_dir, unit), "w", encoding="utf-8")
         )
@@ -352,14 +359,19 @@ def process_unit(task: UnitTask) -> UnitStats:
                 n_chars = [len(t) for t in texts]
                 stats.tokens[key] += sum(n_tokens)
                 stats.characters[key] += sum(n_chars)
-                col = columns[key]
-                for name in config.metadata_keys:
-                    col[name].extend(d.metadata[name] for d in pending)
-                col["n_tokens"].extend(n_tokens)
-                col["n_chars"].extend(n_chars)
-                col["hash"].extend(d.hashes[i] for d in pending)
-                col["input_file"].extend([unit.path] * len(pending))
-                col["input_line"].extend(d.line for d in pending)
+                columns = {
+                    name: [d.metadata.get(name) for d in pending]
+                    for name in schema.names
+                    if name in CORE_METADATA_KEYS or name in config.extra_metadata_keys
+                }
+                columns.update(
+                    n_tokens=n_tokens,
+                    n_chars=n_chars,
+                    hash=[d.hashes[i] for d in pending],
+                    input_file=[unit.path] * len(pending),
+                    input_line=[d.line for d in pending],
+                )
+                meta_writers[key].write_table(pa.table(columns, schema=schema))
             stats.documents += len(pending)
             new_tokens = stats.tokens[config.json_keys[0]] - first_key_tokens
             if counters is not None:
@@ -387,13 +399,6 @@ def process_unit(task: UnitTask) -> UnitStats:
             lengths = writers[key].lengths
             with atomic_path(idx_path(prefix)) as tmp_idx:
                 write_index(tmp_idx, dtype, lambda lengths=lengths: iter([lengths]))
-            schema = metadata_schema(config.extra_metadata_keys)
-            for name in CORE_METADATA_KEYS:
-                if name not in config.metadata_keys:
-                    columns[key][name] = [None] * stats.documents
-            table = pa.table(columns[key], schema=schema)
-            with atomic_path(metadata_path(prefix)) as tmp_meta:
-                pq.write_table(table, tmp_meta, compression="zstd")
     # The manifest is written last: its presence means every file above is complete.
     stats.rejects = dict(sorted(rejects.items()))
     with atomic_open(_unit_manifest(task.parts_dir, unit), "w") as f:

@@ -48,29 +48,28 @@ class KeywordLexicon:
 
     def __init__(self, taxonomy: Taxonomy):
         self.taxonomy = taxonomy
-        self._patterns: dict[str, list[re.Pattern]] = {}
+        # One alternation per topic (longest keywords first so "machine learning" wins over
+        # "machine"); findall returns the matched keywords, so one pass per topic and document.
+        self._patterns: dict[str, re.Pattern | None] = {}
         for topic in taxonomy.topics:
-            patterns = []
-            for keyword in dict.fromkeys(topic.all_keywords()):
-                escaped = re.escape(keyword.lower())
-                if keyword.isascii():
-                    patterns.append(re.compile(rf"(?<!\w){escaped}(?!\w)"))
-                else:
-                    patterns.append(re.compile(escaped))
-            self._patterns[topic.id] = patterns
+            keywords = sorted(
+                dict.fromkeys(k.lower() for k in topic.all_keywords()), key=len, reverse=True
+            )
+            alternatives = [
+                rf"(?<!\w){re.escape(k)}(?!\w)" if k.isascii() else re.escape(k) for k in keywords
+            ]
+            self._patterns[topic.id] = (
+                re.compile("|".join(f"({a})" for a in alternatives)) if alternatives else None
+            )
 
     def scores(self, text: str, lang: str | None) -> dict[str, tuple[int, int]]:
         """topic id -> (distinct keywords matched, total occurrences), for ``lang``'s topics."""
         lowered = text.lower()
         out = {}
         for topic in self.taxonomy.topics_for_lang(lang):
-            distinct = total = 0
-            for pattern in self._patterns[topic.id]:
-                n = len(pattern.findall(lowered))
-                if n:
-                    distinct += 1
-                    total += n
-            out[topic.id] = (distinct, total)
+            pattern = self._patterns[topic.id]
+            matches = [m.group(0) for m in pattern.finditer(lowered)] if pattern else []
+            out[topic.id] = (len(set(matches)), len(matches))
         return out
 
     def label(

@@ -141,6 +141,23 @@ def _materialize_distributed_optimizer_state(optimizer) -> None:
                 inner._init_optimizer_states_with_dummy_values()
 
 
+def _restore_adam_step_counters(optimizer) -> None:
+    """Without apex/TE, megatron-core's distributed optimizer keeps Adam's step in the param
+    groups of its checkpoint, but when the torch state already exists (it must, see
+    :func:`_materialize_distributed_optimizer_state`) the per-parameter ``step`` that torch's
+    Adam actually uses for bias correction is not updated. Copy it over, one tensor per
+    parameter (torch increments them in place)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        for group in getattr(torch_optimizer, "param_groups", []):
+            if "step" not in group or group["step"] is None:
+                continue
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def _rng_sharded_object(is_loading: bool):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -335,6 +352,7 @@ def load_checkpoint(
     if load_optim:
         with torch.no_grad():  # copies into views of fp32 main params that require grad
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step_counters(optimizer)
         if scheduler is not None and common.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:

@@ -27,7 +27,7 @@ SPEC = {
         "code-en": {"path": "code-en", "on_exhaustion": "repeat"},
     },
     "stages": [
-        {"name": "one", "iterations": 40,
+        {"name": "one", "iterations": 80,
          "groups": {"all": {"ratio": 1.0, "sources": {"web-zh": 0.5, "code-en": 0.5}}}},
     ],
     "mixer": {"interval_iterations": 10, "alpha": 1.0, "max_change": 0.05},
@@ -43,9 +43,9 @@ def test_plan_prints_tokens_epochs_and_draws(corpus, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "stage one: 5.12K tokens, 40 iterations (mixer active)" in out
+    assert "stage one: 10.2K tokens, 80 iterations (mixer active)" in out
     assert "web-zh/law" in out and "1 documents without a PPL score" in out
-    # code-en: 30 documents, 40 x 4 x 0.5 = 80 samples of 32 tokens > one epoch -> warning.
+    # code-en: 30 documents (~110 samples of 32 tokens) < 80 x 4 x 0.5 = 160 samples: repeats.
     assert "code-en" in out and "WARNING: repeats" in out
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -82,3 +82,22 @@ def test_update_writes_next_round_weights(corpus, tmp_path):
     assert abs(sum(weights.values()) - 1) < 1e-9
     assert weights["history"] > 1 / 3 and weights["science"] > 1 / 3
     assert abs(weights["law"] - (1 / 3 - 0.05)) < 1e-6  # the big improver hits max_change
+
+
+def test_history_plots_losses_and_weights(tmp_path, capsys):
+    from megatron_syne.data.mixer import TopicMixer
+    from megatron_syne.data.spec import MixerSpec
+
+    names = ["web/a", "web/b", "web/c"]
+    mixer = TopicMixer(
+        MixerSpec(interval_iterations=1), {"web": names}, dict.fromkeys(names, 1 / 3)
+    )
+    history = tmp_path / "mixer_history.jsonl"
+    for step, losses in enumerate([[1.26, 1.82, 1.54], [1.32, 1.45, 1.60], [1.30, 1.40, 1.62]]):
+        record = mixer.observe(dict(zip(names, losses)), step * 10, step * 40, step * 1280, "s")
+        with open(history, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    png = tmp_path / "history.png"
+    assert _tool("history").main([str(history), "--png", str(png)]) == 0
+    assert "3 measurements, 2 updates, 3 topics" in capsys.readouterr().out
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -97,7 +97,7 @@ def test_triton_single_block_vocab_sizes(vocab):
     _check("triton", vocab, "mean", 0.1, 1e-2, True)
 
 
-def test_z_loss_gradient_without_loss_gradient(small_block):
+def test_z_loss_gradient_without_loss_gradient():
     # Only z_loss reaches the graph: the backward must rebuild the softmax from the stored grad.
     logits, target, mask = _inputs(1000)
     x = logits.clone().requires_grad_()
@@ -184,3 +184,6 @@ def test_bad_arguments_are_rejected():
         vocab_parallel_cross_entropy(logits, target, label_smoothing=1.0)
     with pytest.raises(TypeError, match="integer"):
         vocab_parallel_cross_entropy(logits, target.float())
+    target[1, 5] = 1000
+    with pytest.raises(ValueError, match=r"1 target ids lie outside the vocabulary \[0, 1000\)"):
+        vocab_parallel_cross_entropy(logits, target)

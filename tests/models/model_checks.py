@@ -34,9 +34,17 @@ def sdpa_vs_megatron_attention() -> float:
 
     preset = get_preset("tiny")
     config = transformer_config_from_preset(preset)
-    kwargs = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    kwargs = dict(
+        config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self"
+    )
     ours, reference = SDPACoreAttention(**kwargs), DotProductAttention(**kwargs)
-    s, b, heads, groups, dim = 37, 3, preset.num_attention_heads, preset.num_query_groups, preset.kv_channels
+    s, b, heads, groups, dim = (
+        37,
+        3,
+        preset.num_attention_heads,
+        preset.num_query_groups,
+        preset.kv_channels,
+    )
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(s, b, heads, dim, generator=generator)
     k = torch.randn(s, b, groups, dim, generator=generator)

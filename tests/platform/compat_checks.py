@@ -30,7 +30,9 @@ def main() -> None:
     full = torch.arange(8, dtype=torch.float32) * (rank + 1)  # sum over ranks = arange * 3
     out = torch.empty(4)
     dist.reduce_scatter_tensor(out, full)
-    result[f"reduce_scatter_ok_{rank}"] = torch.equal(out, (torch.arange(8.0) * 3)[rank * 4 : (rank + 1) * 4])
+    result[f"reduce_scatter_ok_{rank}"] = torch.equal(
+        out, (torch.arange(8.0) * 3)[rank * 4 : (rank + 1) * 4]
+    )
 
     from megatron.core import parallel_state, tensor_parallel
 

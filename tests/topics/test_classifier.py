@@ -62,7 +62,14 @@ def test_ngram_classifier_learns_toy_taxonomy_in_both_languages(tmp_path):
         extra_lines=['{"text": "broken', '{"topic": "en_sport"}'],
     )
     rc = train_tool.main(
-        ["--input", str(data), "--output-dir", str(tmp_path / "model"), "--taxonomy", str(taxonomy_path)]
+        [
+            "--input",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "model"),
+            "--taxonomy",
+            str(taxonomy_path),
+        ]
     )
     assert rc == 0
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
@@ -113,8 +120,12 @@ def test_hf_encoder_finetuning_path_on_cpu(tmp_path):
         taxonomy,
         tmp_path / "model",
         encoder_config=EncoderTrainConfig(
-            encoder_path=str(tmp_path / "bert"), epochs=10, learning_rate=1e-2,
-            micro_batch_size=16, max_length=40, device="cpu",
+            encoder_path=str(tmp_path / "bert"),
+            epochs=10,
+            learning_rate=1e-2,
+            micro_batch_size=16,
+            max_length=40,
+            device="cpu",
         ),  # fmt: skip
     )
     losses = result.metrics["epoch_losses"]

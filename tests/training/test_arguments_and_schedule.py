@@ -14,9 +14,13 @@ BASE = ["--device", "cpu", "--mock-data", "--train-iters", "10"]
 def test_preset_flags_contradiction_is_one_clear_error():
     with pytest.raises(ArgumentError, match=r"--num-query-groups 5.*not a multiple"):
         parse_args([*BASE, "--model", "llama3-8b", "--num-query-groups", "5"])
-    with pytest.raises(ArgumentError, match=r"seq_length=16384 exceeds max_position_embeddings=8192"):
+    with pytest.raises(
+        ArgumentError, match=r"seq_length=16384 exceeds max_position_embeddings=8192"
+    ):
         parse_args([*BASE, "--model", "llama3-8b", "--seq-length", "16384"])
-    with pytest.raises(ArgumentError, match=r"--tensor-model-parallel-size 4 must divide.*num_query_groups=2"):
+    with pytest.raises(
+        ArgumentError, match=r"--tensor-model-parallel-size 4 must divide.*num_query_groups=2"
+    ):
         parse_args([*BASE, "--model", "tiny", "--tensor-model-parallel-size", "4"], world_size=4)
 
 
@@ -29,14 +33,19 @@ def test_shape_overrides_use_megatron_flag_names():
 
 
 def test_global_batch_not_divisible_by_micro_times_dp():
-    with pytest.raises(ArgumentError, match=r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4"):
+    with pytest.raises(
+        ArgumentError,
+        match=r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4",
+    ):
         parse_args([*BASE, "--micro-batch-size", "2", "--global-batch-size", "6"], world_size=2)
     args = parse_args([*BASE, "--micro-batch-size", "2", "--global-batch-size", "8"], world_size=2)
     assert args.num_microbatches == 2 and args.data_parallel_size == 2
 
 
 def test_fp8_without_transformer_engine_is_refused():
-    with pytest.raises(ArgumentError, match=r"--fp8-format hybrid needs Transformer Engine.*never silently ignored"):
+    with pytest.raises(
+        ArgumentError, match=r"--fp8-format hybrid needs Transformer Engine.*never silently ignored"
+    ):
         parse_args([*BASE, "--fp8-format", "hybrid"])
     with pytest.raises(ArgumentError, match="Transformer Engine does not import"):
         parse_args([*BASE, "--transformer-impl", "transformer_engine"])
@@ -51,7 +60,9 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     parse_args([*BASE, "--load", str(tmp_path / "run"), "--save", str(tmp_path / "run")])
     assert find_checkpoint(tmp_path) is None
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage\n")
-    with pytest.raises(CheckpointError, match=r"latest_checkpointed_iteration.txt: expected an iteration number"):
+    with pytest.raises(
+        CheckpointError, match=r"latest_checkpointed_iteration.txt: expected an iteration number"
+    ):
         find_checkpoint(tmp_path)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("20\n")
     with pytest.raises(CheckpointError, match=r"iter_0000020 is missing or incomplete"):
@@ -69,9 +80,13 @@ def test_token_budgets_become_steps():
                        "--global-batch-size", "4", "--train-tokens", "1e6", "--lr-warmup-tokens",
                        "2560", "--lr-wsd-decay-tokens", "25600"])  # fmt: skip
     assert args.tokens_per_step == 256
-    assert args.train_iters == 3907 and args.lr_warmup_iters == 10 and args.lr_wsd_decay_iters == 100
+    assert (
+        args.train_iters == 3907 and args.lr_warmup_iters == 10 and args.lr_wsd_decay_iters == 100
+    )
     with pytest.raises(ArgumentError, match="exactly one of --train-iters and --train-tokens"):
-        parse_args(["--device", "cpu", "--mock-data", "--train-iters", "3", "--train-tokens", "100"])
+        parse_args(
+            ["--device", "cpu", "--mock-data", "--train-iters", "3", "--train-tokens", "100"]
+        )
 
 
 def test_wsd_schedule_warmup_stable_decay():

@@ -1,0 +1,45 @@
+"""Show a run's mixer history: per-topic validation loss and topic weights, as text and a PNG.
+
+python tools/mixture/history.py RUN/mixer_history-<hash>.jsonl [--png history.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("history", help="mixer_history-*.jsonl written by the online mixer")
+    parser.add_argument("--png", default=None, help="plot path (default: beside the history)")
+    args = parser.parse_args(argv)
+
+    from megatron_syne.data.planning import plot_mixer_history, read_mixer_history
+
+    try:
+        history = read_mixer_history(args.history)
+        png = Path(args.png) if args.png else Path(args.history).with_suffix(".png")
+        plot_mixer_history(history, png)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"history.py: error: {err}", file=sys.stderr)
+        return 1
+    names = list(history[0]["losses"])
+    print(f"{'iteration':>9} {'tokens':>12} " + " ".join(f"{n[-24:]:>24}" for n in names))
+    for r in history:
+        cells = " ".join(
+            f"{r['losses'][n]:>12.4f} r={r['weights_after'][n]:>8.4f}".rjust(24) for n in names
+        )
+        print(f"{r['iteration']:>9} {r['consumed_tokens']:>12} {cells}")
+    updates = sum(r["updated"] for r in history)
+    print(
+        f"summary: {len(history)} measurements, {updates} updates, {len(names)} topics; plot {png}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
