@@ -39,27 +39,48 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------- Megatron-LM-style encoder
 class MegatronStyleEncoder:
-    """The shape of Megatron-LM's ``Encoder`` (tools/preprocess_data.py): per-worker tokenizer,
-    one JSON line in, one document's ids out."""
+    """The shape of Megatron-LM's ``Encoder`` (tools/preprocess_data.py): per-worker tokenizer
+    built in the pool initializer, one JSON line in, one document's ids out.
+
+    ``backend="rust"`` calls the same Rust tokenizer our tool uses, one document per call;
+    ``backend="transformers"`` tokenizes like Megatron-LM's ``HuggingFaceTokenizer`` (an
+    ``AutoTokenizer`` call per document, without special tokens so the counts match ours).
+    """
+
+    tokenizer = None
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
 
     def initializer(self) -> None:
-        from megatron_syne.preprocess.tokenizers import load_tokenizer
+        from megatron_syne.preprocess.tokenizers import llama3_tokenizer_dir, load_tokenizer
 
-        MegatronStyleEncoder.tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer()
+        if self.backend == "transformers":
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir()))
+            MegatronStyleEncoder.tokenizer = (
+                lambda text: hf(text, add_special_tokens=False).input_ids,
+                tokenizer.eod,
+            )
+        else:
+            MegatronStyleEncoder.tokenizer = (tokenizer.encode, tokenizer.eod)
 
     def encode(self, json_line: str):
         data = json.loads(json_line)
-        ids = MegatronStyleEncoder.tokenizer.encode(data["text"])
-        ids.append(MegatronStyleEncoder.tokenizer.eod)
+        tokenize, eod = MegatronStyleEncoder.tokenizer
+        ids = tokenize(data["text"])
+        ids.append(eod)
         return ids, len(json_line)
 
 
-def megatron_style(input_path: str, output_prefix: str, workers: int) -> int:
+def megatron_style(input_path: str, output_prefix: str, workers: int, backend: str) -> int:
     import numpy as np
     import torch  # imported (untimed) in main() already, as Megatron-LM's tool imports it first
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    encoder = MegatronStyleEncoder()
+    encoder = MegatronStyleEncoder(backend)
     pool = mp.get_context("fork").Pool(workers, initializer=encoder.initializer)
     tokens = 0
     builder = IndexedDatasetBuilder(f"{output_prefix}.bin", dtype=np.int32)
@@ -102,12 +123,14 @@ def measure_ceiling(texts: list[str]) -> tuple[float, int]:
     return seconds, sum(len(ids) + 1 for ids in encoded)  # + EOD, as the others count it
 
 
-def measure_megatron(input_path: str, workdir: Path, workers: int) -> tuple[float, int]:
+def measure_megatron(
+    input_path: str, workdir: Path, workers: int, backend: str
+) -> tuple[float, int]:
     out = workdir / "megatron"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     start = time.perf_counter()
-    tokens = megatron_style(input_path, str(out / "bench"), workers)
+    tokens = megatron_style(input_path, str(out / "bench"), workers, backend)
     return time.perf_counter() - start, tokens
 
 
@@ -158,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
+    p.add_argument(
+        "--skip-transformers",
+        action="store_true",
+        help="skip the transformers-tokenizer Megatron-style baseline (slow to import)",
+    )
     p.add_argument("--memory", action="store_true", help="also measure peak RSS at 1x and 4x input")
     p.add_argument("--markdown", default=None, help="append the result table to this file")
     args = p.parse_args(argv)
@@ -165,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     # Imports are not timed for any pipeline (each tool pays them once at start-up).
     import megatron.core.datasets.indexed_dataset  # noqa: F401
     import torch  # noqa: F401
+
+    if not args.skip_transformers:
+        import transformers  # noqa: F401
 
     import megatron_syne.preprocess.pipeline  # noqa: F401
 
@@ -190,29 +221,40 @@ def main(argv: list[str] | None = None) -> int:
         )
         ceiling_s, ceiling_tokens = best(lambda: measure_ceiling(texts), args.repeats)
         megatron_s, megatron_tokens = best(
-            lambda: measure_megatron(input_path, workdir, args.workers), args.repeats
+            lambda: measure_megatron(input_path, workdir, args.workers, "rust"), args.repeats
         )
         if not tool_tokens == ceiling_tokens == megatron_tokens:
             raise RuntimeError(
                 f"token counts differ: tool {tool_tokens}, tokenizer {ceiling_tokens}, "
                 f"megatron-style {megatron_tokens}"
             )
+        ceiling_rate = ceiling_tokens / ceiling_s
         rows = [
             ("tool (preprocess_data.py)", tool_s, tool_tokens),
             ("tokenizer alone (encode_batch, ceiling)", ceiling_s, ceiling_tokens),
-            ("megatron-style (pool.imap, 1 doc/call)", megatron_s, megatron_tokens),
+            ("megatron-style, Rust tokenizer, 1 doc/call", megatron_s, megatron_tokens),
         ]
+        hf_s = None
+        if not args.skip_transformers:
+            # transformers turns special-token strings in the text into control ids (our tool
+            # does not), so its count may differ by a few tokens: each rate uses its own count.
+            hf_s, hf_tokens = best(
+                lambda: measure_megatron(input_path, workdir, args.workers, "transformers"),
+                args.repeats,
+            )
+            rows.append(("megatron-style, HuggingFaceTokenizer (transformers)", hf_s, hf_tokens))
         lines = [
             f"| pipeline ({args.workers} workers) | seconds | tokens/s | vs ceiling |",
             "|---|---:|---:|---:|",
         ]
         for name, seconds, tokens in rows:
             rate = tokens / seconds
-            lines.append(f"| {name} | {seconds:.2f} | {rate:,.0f} | {ceiling_s / seconds:.2f}x |")
+            lines.append(f"| {name} | {seconds:.2f} | {rate:,.0f} | {rate / ceiling_rate:.2f}x |")
         lines.append("")
         lines.append(
-            f"tool / ceiling = {ceiling_s / tool_s:.2f} (target >= 0.8); "
-            f"tool / megatron-style = {megatron_s / tool_s:.2f} (target >= 2)"
+            f"tool / ceiling = {ceiling_s / tool_s:.2f} (target >= 0.8); tool / megatron-style "
+            f"(Rust) = {megatron_s / tool_s:.2f} (target >= 2)"
+            + (f"; tool / megatron-style (transformers) = {hf_s / tool_s:.2f}" if hf_s else "")
         )
         lines.append(f"load average after: {os.getloadavg()[0]:.2f}")
         if args.memory:

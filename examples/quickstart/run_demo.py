@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=4096, help="mock-data vocabulary")
     parser.add_argument("--seq-length", type=int, default=128)
     options = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 
     out = Path(options.output_dir).resolve()
     metrics = out / "metrics.jsonl"
@@ -72,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics.unlink()  # one curve per demo run
     flags = [
         "--device", "cpu", "--model", "tiny", "--vocab-size", str(options.vocab_size),
-        "--seq-length", str(options.seq_length), "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--seq-length", str(options.seq_length), "--micro-batch-size", "4", "--global-batch-size", "4",
         "--train-iters", str(options.steps), "--lr", "3e-3", "--min-lr", "3e-4",
         "--lr-warmup-init", "1e-5", "--lr-warmup-iters", str(max(1, options.steps // 20)),
         "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", str(max(1, options.steps // 5)),
         "--weight-decay", "0.1", "--clip-grad", "1.0", "--mock-data", "--seed", "1234",
-        "--log-interval", "10", "--eval-interval", str(max(1, options.steps // 6)), "--eval-iters", "2",
+        "--log-interval", "10", "--eval-interval", str(max(1, options.steps // 6)), "--eval-iters", "1",
         "--save", str(out / "checkpoints"), "--save-interval", str(options.steps),
         "--tensorboard-dir", str(out / "tensorboard"), "--metrics-jsonl", str(metrics),
     ]  # fmt: skip

@@ -42,34 +42,40 @@ class SeedResult:
 
 
 # ------------------------------------------------------------------------------ lexicon
+_WORD = re.compile(r"[^\W_]+")  # words for ASCII keyword matching (letters and digits)
+
+
 class KeywordLexicon:
     """Per-topic keyword matcher. ASCII keywords match case-insensitively on word boundaries;
     others (Chinese) match as substrings, since Chinese has no spaces between words."""
 
     def __init__(self, taxonomy: Taxonomy):
         self.taxonomy = taxonomy
-        # One alternation per topic (longest keywords first so "machine learning" wins over
-        # "machine"); findall returns the matched keywords, so one pass per topic and document.
-        self._patterns: dict[str, re.Pattern | None] = {}
+        # ASCII keywords are looked up in the document's word n-gram counts (one tokenisation
+        # per document); other keywords are counted as substrings (str.count, in C).
+        self._ascii: dict[str, list[str]] = {}
+        self._other: dict[str, list[str]] = {}
+        self._max_words = 1
         for topic in taxonomy.topics:
-            keywords = sorted(
-                dict.fromkeys(k.lower() for k in topic.all_keywords()), key=len, reverse=True
-            )
-            alternatives = [
-                rf"(?<!\w){re.escape(k)}(?!\w)" if k.isascii() else re.escape(k) for k in keywords
-            ]
-            self._patterns[topic.id] = (
-                re.compile("|".join(f"({a})" for a in alternatives)) if alternatives else None
-            )
+            keywords = list(dict.fromkeys(k.lower() for k in topic.all_keywords()))
+            ascii_keywords = [" ".join(_WORD.findall(k)) for k in keywords if k.isascii()]
+            self._ascii[topic.id] = [k for k in ascii_keywords if k]
+            self._other[topic.id] = [k for k in keywords if not k.isascii()]
+            for k in self._ascii[topic.id]:
+                self._max_words = max(self._max_words, k.count(" ") + 1)
 
     def scores(self, text: str, lang: str | None) -> dict[str, tuple[int, int]]:
         """topic id -> (distinct keywords matched, total occurrences), for ``lang``'s topics."""
         lowered = text.lower()
+        words = _WORD.findall(lowered)
+        ngrams = Counter(words)
+        for n in range(2, self._max_words + 1):
+            ngrams.update(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
         out = {}
         for topic in self.taxonomy.topics_for_lang(lang):
-            pattern = self._patterns[topic.id]
-            matches = [m.group(0) for m in pattern.finditer(lowered)] if pattern else []
-            out[topic.id] = (len(set(matches)), len(matches))
+            counts = [ngrams.get(k, 0) for k in self._ascii[topic.id]]
+            counts += [lowered.count(k) for k in self._other[topic.id]]
+            out[topic.id] = (sum(1 for c in counts if c), sum(counts))
         return out
 
     def label(

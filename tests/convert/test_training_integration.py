@@ -42,9 +42,14 @@ def test_train_from_converted_weights_and_export(tmp_path):
         "--save", str(tmp_path / "run"), "--save-interval", "2",
     ]
     # fmt: on
-    proc = subprocess.run(
-        cmd, cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600
-    )
+    # A model built earlier in this pytest process (initialize_distributed) leaves RANK,
+    # MASTER_PORT, ... in os.environ; the child must pick its own port.
+    env = {
+        k: v
+        for k, v in cpu_env().items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "run/latest_checkpointed_iteration.txt").read_text().strip() == "2"
 

@@ -100,7 +100,7 @@ def test_curriculum_is_monotone_in_ppl_across_buckets(corpus, tmp_path):
     assert (desc_scores[:half] >= median).all()
 
 
-def test_phases_carry_counters_and_nothing_repeats_before_exhaustion(corpus, tmp_path):
+def test_phases_carry_counters_and_nothing_repeats_before_exhaustion(corpus, tmp_path, monkeypatch):
     plan = _plan(
         corpus,
         """
@@ -125,6 +125,14 @@ def test_phases_carry_counters_and_nothing_repeats_before_exhaustion(corpus, tmp
     assert len(plan.phases) == 6 and dataset.num_built_phases == 6
     code = plan.component_index["code-en"]
     per_epoch = dataset.components[code].samples_per_epoch
+    # Sequential reads (the sampler's pattern) search for the phase only when it changes.
+    import megatron_syne.data.mixture_dataset as module
+
+    searches = []
+    real_bisect = module.bisect.bisect_right
+    monkeypatch.setattr(
+        module.bisect, "bisect_right", lambda *a: searches.append(a[1]) or real_bisect(*a)
+    )
     seen, documents = [], []
     for i in range(len(dataset)):
         component, k = dataset.locate(i)
@@ -134,6 +142,8 @@ def test_phases_carry_counters_and_nothing_repeats_before_exhaustion(corpus, tmp
                 documents.append(
                     (k // per_epoch, frozenset(decode_document(dataset[i]["tokens"], 4)))
                 )
+    assert len(searches) == len(plan.phases) - 1
+    monkeypatch.undo()
     assert seen == list(range(len(seen)))  # counters carried across all phases
     assert len(seen) > per_epoch  # code-en is exhausted and repeats ...
     first = [d for e, d in documents if e == 0]
