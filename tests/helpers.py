@@ -8,11 +8,23 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_DISTRIBUTED_ENV_VARS = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+}
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for a CPU child process: one thread per rank, no GPU, repo importable."""
-    env = dict(os.environ)
+    # A process-group launch in the parent (initialize_distributed in a test) leaves its rank and
+    # rendezvous in os.environ; a child that inherits them would collide on the same port.
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV_VARS}
     env.update(
         OMP_NUM_THREADS="1",
         CUDA_VISIBLE_DEVICES="",

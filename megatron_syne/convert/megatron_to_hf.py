@@ -9,6 +9,7 @@ it is converted.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_syne.convert import layout as L
-from megatron_syne.convert.arch import ConversionError, LlamaArch, dtype_from_name
+from megatron_syne.convert.arch import ConversionError, LlamaArch, dtype_from_name, dtype_name
 from megatron_syne.convert.hf_checkpoint import streaming_safetensors_writer, write_json
 from megatron_syne.convert.hf_to_megatron import ConversionSummary
 from megatron_syne.convert.megatron_checkpoint import MegatronCheckpointReader, single_process_group
@@ -102,11 +103,12 @@ def resolve_arch(reader: MegatronCheckpointReader, config: MegatronToHFConfig) -
     common = reader.common
     arch: LlamaArch | None = None
     if config.hf_config is not None:
-        import json
-
-        arch = LlamaArch.from_hf_config(
-            json.loads(Path(config.hf_config).read_text()), str(config.hf_config)
-        )
+        path = Path(config.hf_config)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"--hf-config {path}: cannot read it as JSON ({exc})") from None
+        arch = LlamaArch.from_hf_config(data, str(path))
     elif config.preset is not None:
         from megatron_syne.models.presets import get_preset
 
@@ -114,7 +116,7 @@ def resolve_arch(reader: MegatronCheckpointReader, config: MegatronToHFConfig) -
             preset = get_preset(config.preset)
         except ValueError as exc:
             raise ConversionError(str(exc)) from None
-        arch = LlamaArch.from_preset(preset, dtype=_dtype_name(reader.dtype(L.EMBEDDING)))
+        arch = LlamaArch.from_preset(preset, dtype=dtype_name(reader.dtype(L.EMBEDDING)))
     elif isinstance(common.get("conversion"), dict) and "arch" in common["conversion"]:
         arch = LlamaArch.from_dict(common["conversion"]["arch"])
     else:
@@ -128,12 +130,6 @@ def resolve_arch(reader: MegatronCheckpointReader, config: MegatronToHFConfig) -
         arch = arch.replace(dtype=config.dtype)
     _check_shapes(reader, arch)
     return arch
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from megatron_syne.convert.arch import dtype_name
-
-    return dtype_name(dtype)
 
 
 def _check_shapes(reader: MegatronCheckpointReader, arch: LlamaArch) -> None:

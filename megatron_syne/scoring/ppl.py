@@ -379,6 +379,7 @@ def score_dataset(config: PPLConfig) -> PPLSummary:
     for start, end in pending:
         # A stored leading BOS is dropped (the scorer prepends its own), trailing EODs too.
         docs = [strip_special(document_tokens(dataset, i), bos, eod) for i in range(start, end)]
+        _check_vocabulary(docs, start, model.vocab_size, config)
         scores = score_documents(
             model, token_nll, docs, None if config.no_bos else bos, config, device
         )
@@ -408,6 +409,16 @@ def score_dataset(config: PPLConfig) -> PPLSummary:
     if dist.is_initialized():
         dist.barrier()  # nobody exits (and tears down the group) before the merge is written
     return summary
+
+
+def _check_vocabulary(docs: list[np.ndarray], start: int, vocab_size: int, config: PPLConfig):
+    for offset, doc in enumerate(docs):
+        if len(doc) and (int(doc.max()) >= vocab_size or int(doc.min()) < 0):
+            raise ValueError(
+                f"{config.data_prefix}: document {start + offset} has token id {int(doc.max())} "
+                f"outside the model's vocabulary [0, {vocab_size}); score with the model whose "
+                "tokenizer produced the dataset (or re-tokenize with the model's tokenizer)"
+            )
 
 
 def _special_ids(config: PPLConfig, model) -> tuple[int | None, int | None]:

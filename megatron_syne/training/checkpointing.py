@@ -276,6 +276,18 @@ class LoadedCheckpoint:
     loaded_rng: bool
 
 
+def _describe(err: BaseException) -> str:
+    """One line per failing rank, without the tracebacks torch embeds in its message."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            inner = getattr(failure, "exc", failure)
+            parts.append(f"rank {rank}: {type(inner).__name__}: {str(inner).strip()[:200]}")
+        return "; ".join(parts)
+    return f"{type(err).__name__}: {str(err).strip()[:500]}"
+
+
 def _load(state: dict, directory: Path) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -284,9 +296,12 @@ def _load(state: dict, directory: Path) -> dict:
         return dist_checkpointing.load(
             state, str(directory), strict=StrictHandling.RAISE_UNEXPECTED
         )
-    except Exception as err:  # dist_checkpointing raises many types; name the directory.
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # torch.distributed.checkpoint wraps per-rank failures in a BaseException subclass.
+    except BaseException as err:  # noqa: B036
         raise CheckpointError(
-            f"cannot load checkpoint {directory}: {type(err).__name__}: {err}. The checkpoint "
+            f"cannot load checkpoint {directory}: {_describe(err)}. The checkpoint "
             "may be incomplete or corrupt, or written for another model shape (compare --model "
             "and shape flags with the run that saved it)"
         ) from err

@@ -175,3 +175,12 @@ def test_too_short_and_bos_handling_without_model_noise(setup, tmp_path):
     assert np.isnan(table.column("nll").to_numpy(zero_copy_only=False)).sum() == status.count(
         "too_short"
     )
+
+
+def test_token_ids_outside_the_model_vocabulary_are_refused(setup, tmp_path):
+    root, hf, _, _ = setup
+    prefix = build_token_dataset(tmp_path / "ds", [[5, 6, 7, EOD], [5, 6, 4000, 7, EOD]])
+    with pytest.raises(ValueError, match=r"document 1 has token id 4000 outside .*\[0, 320\)"):
+        score_dataset(
+            PPLConfig(data_prefix=str(prefix), hf_model=str(hf), min_tokens=2, progress=False)
+        )
