@@ -16,8 +16,8 @@ Prints tokens/s (EOD included, the same token count for all three) for:
   It uses the same Rust tokenizer (Megatron's HuggingFaceTokenizer wraps it in transformers, which
   is slower still), so the comparison isolates the pipeline design.
 
-Each measurement is the best of ``--repeats`` runs (the machine is shared: the best run is the
-one least disturbed by other processes). With ``--memory`` it also runs the tool on the input
+Each measurement is the best of ``--repeats`` interleaved runs (the machine is shared: the best
+run is the one least disturbed by other processes). With ``--memory`` it also runs the tool on the input
 repeated 1x and 4x and reports the peak RSS of the largest process, to show memory stays flat.
 """
 
@@ -160,11 +160,6 @@ def peak_rss_mb(input_path: str, workdir: Path, workers: int) -> float:
     return int(result.stdout.strip()) / 1024
 
 
-def best(measure, repeats: int) -> tuple[float, int]:
-    runs = [measure() for _ in range(repeats)]
-    return min(runs, key=lambda r: r[0])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -180,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         help="size of the demo corpus when --input is not given (default 12 MB)",
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (best is kept)")
     p.add_argument(
         "--skip-transformers",
         action="store_true",
@@ -216,13 +211,25 @@ def main(argv: list[str] | None = None) -> int:
             f"workers={args.workers}, cpus={os.cpu_count()}, load average before: {load:.2f}"
         )
 
-        tool_s, tool_tokens = best(
-            lambda: measure_tool(input_path, workdir, args.workers), args.repeats
-        )
-        ceiling_s, ceiling_tokens = best(lambda: measure_ceiling(texts), args.repeats)
-        megatron_s, megatron_tokens = best(
-            lambda: measure_megatron(input_path, workdir, args.workers, "rust"), args.repeats
-        )
+        # Interleaved repeats (tool, ceiling, megatron-style, tool, ...): on a shared machine
+        # each pipeline gets its chance at a quiet moment; the best run of each is kept.
+        measures = {
+            "tool": lambda: measure_tool(input_path, workdir, args.workers),
+            "ceiling": lambda: measure_ceiling(texts),
+            "megatron": lambda: measure_megatron(input_path, workdir, args.workers, "rust"),
+        }
+        if not args.skip_transformers:
+            measures["transformers"] = lambda: measure_megatron(
+                input_path, workdir, args.workers, "transformers"
+            )
+        runs: dict[str, list[tuple[float, int]]] = {name: [] for name in measures}
+        for _ in range(args.repeats):
+            for name, measure in measures.items():
+                runs[name].append(measure())
+        results = {name: min(r, key=lambda x: x[0]) for name, r in runs.items()}
+        tool_s, tool_tokens = results["tool"]
+        ceiling_s, ceiling_tokens = results["ceiling"]
+        megatron_s, megatron_tokens = results["megatron"]
         if not tool_tokens == ceiling_tokens == megatron_tokens:
             raise RuntimeError(
                 f"token counts differ: tool {tool_tokens}, tokenizer {ceiling_tokens}, "
@@ -235,13 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             ("megatron-style, Rust tokenizer, 1 doc/call", megatron_s, megatron_tokens),
         ]
         hf_s = None
-        if not args.skip_transformers:
+        if "transformers" in results:
             # transformers turns special-token strings in the text into control ids (our tool
             # does not), so its count may differ by a few tokens: each rate uses its own count.
-            hf_s, hf_tokens = best(
-                lambda: measure_megatron(input_path, workdir, args.workers, "transformers"),
-                args.repeats,
-            )
+            hf_s, hf_tokens = results["transformers"]
             rows.append(("megatron-style, HuggingFaceTokenizer (transformers)", hf_s, hf_tokens))
         lines = [
             f"| pipeline ({args.workers} workers) | seconds | tokens/s | vs ceiling |",

@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.2, help="server seconds per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--rounds", type=int, default=10, help="requests = rounds x concurrency")
+    parser.add_argument("--rounds", type=int, default=20, help="requests = rounds x concurrency")
     parser.add_argument("--no-httpx", action="store_true", help="skip the httpx comparison")
     parser.add_argument("--output", default=None, help="write a markdown table here")
     args = parser.parse_args()

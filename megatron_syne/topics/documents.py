@@ -14,12 +14,14 @@ def open_indexed_dataset(prefix: str | os.PathLike):
 
 
 def document_tokens(dataset, doc_index: int) -> np.ndarray:
-    """All token ids of document ``doc_index`` (its sequences concatenated; preprocessing writes
-    one sequence per document, but Megatron's format allows several)."""
+    """All token ids of document ``doc_index`` as a new array (its sequences concatenated;
+    preprocessing writes one sequence per document, but Megatron's format allows several)."""
     doc_indices = dataset.document_indices
     first, last = int(doc_indices[doc_index]), int(doc_indices[doc_index + 1])
     if last - first == 1:
-        return np.asarray(dataset[first])
+        # A copy, not a view: megatron's IndexedDataset.__del__ unmaps the .bin, and a view
+        # that outlives the dataset (e.g. queued for a worker process) would then segfault.
+        return np.array(dataset[first])
     if last == first:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([np.asarray(dataset[i]) for i in range(first, last)])

@@ -282,8 +282,9 @@ def _describe(err: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         parts = []
         for rank, failure in sorted(failures.items()):
-            inner = getattr(failure, "exc", failure)
-            parts.append(f"rank {rank}: {type(inner).__name__}: {str(inner).strip()[:200]}")
+            inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)
+            detail = str(inner).strip()[:200] or "(no message; a truncated file reads like this)"
+            parts.append(f"rank {rank}: {type(inner).__name__}: {detail}")
         return "; ".join(parts)
     return f"{type(err).__name__}: {str(err).strip()[:500]}"
 

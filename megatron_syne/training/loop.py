@@ -346,7 +346,8 @@ def pretrain(args: TrainArgs, hooks: list[TrainingHook] | None = None) -> TrainR
         else:
             if not args.finetune:
                 iteration = loaded.iteration
-                consumed_samples = int(loaded.common["consumed_samples"])
+                # Converted base weights (tools/checkpoint) carry no training counters.
+                consumed_samples = int(loaded.common.get("consumed_samples", 0))
                 skipped_total = int(loaded.common.get("skipped_steps", 0))
                 saved_hooks = loaded.common.get("hooks", {})
                 for hook in hooks:

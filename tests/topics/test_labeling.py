@@ -146,3 +146,19 @@ def test_metadata_row_count_mismatch_is_refused(trained, tmp_path):
     write_metadata(prefix, table.slice(0, 40))
     with pytest.raises(MetadataError, match=r"40 metadata rows but .*41 documents"):
         label_dataset(LabelConfig(str(prefix), str(root / "model"), progress=False))
+
+
+def test_bootstrap_from_lexicon_seeds_labels_the_dataset(trained, tmp_path):
+    """The demo path: no labelled data, lexicon seeds -> classifier -> topic column."""
+    from megatron_syne.topics.bootstrap import bootstrap_topics
+
+    root, rows, docs = trained
+    prefix = _dataset(tmp_path, rows, docs)
+    result = bootstrap_topics(
+        [prefix], tmp_path / "topics", taxonomy=load_taxonomy(root / "toy.yaml"), min_keywords=2
+    )
+    assert result.n_seed_candidates == 41 and 20 <= result.n_seeds <= 40
+    assert result.labels[str(prefix)].merged
+    topics = read_metadata(prefix).column("topic").to_pylist()
+    truth = [r["topic"] for r in rows]
+    assert sum(t == g for t, g in zip(topics, truth) if g) >= 36 and topics[13] is None
