@@ -184,6 +184,24 @@ def _patch_collectives() -> None:
         dist._reduce_scatter_base = _reduce_scatter_tensor
 
 
+def _keep_default_device_contexts_working(originals) -> None:
+    # ``with torch.device("meta"):`` (transformers' from_pretrained, accelerate) fills in the
+    # device only for functions in torch.utils._device._device_constructors(), a cached set of
+    # the torch factories. Computed after the wrapping above it holds the wrappers, while the
+    # call that reaches the mode is the original inside them: the tensor would land on the CPU
+    # instead of meta and be left uninitialised by the later to_empty() (garbage RoPE inv_freq).
+    # Accept both the wrappers and the originals.
+    from torch.utils import _device
+
+    base = _device._device_constructors
+
+    @functools.lru_cache(1)
+    def _device_constructors():
+        return set(base()) | set(originals)
+
+    _device._device_constructors = _device_constructors
+
+
 def enable_cpu_compat() -> None:
     """Make megatron-core run on CPU in this process. Idempotent and thread-safe.
 
@@ -194,8 +212,10 @@ def enable_cpu_compat() -> None:
     with _lock:
         if _enabled:
             return
-        for name in _FACTORIES:
-            setattr(torch, name, _redirect_device(getattr(torch, name)))
+        originals = [getattr(torch, name) for name in _FACTORIES]
+        for name, original in zip(_FACTORIES, originals):
+            setattr(torch, name, _redirect_device(original))
+        _keep_default_device_contexts_working(originals)
         torch.Tensor.cuda = _tensor_cuda
         torch.Tensor.to = _tensor_to
         torch.Tensor.type = _tensor_type

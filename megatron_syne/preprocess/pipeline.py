@@ -68,6 +68,7 @@ from megatron_syne.utils.io import atomic_open, atomic_path
 
 CORE_METADATA_KEYS = ("lang", "source", "topic")
 MIN_UNIT_BYTES = 256 << 10
+BATCH_MAX_CHARS = 4_000_000  # characters per encode_batch call, whatever --batch-size says
 FORMAT_VERSION = 1  # bump when unit output bytes change, so stale partitions are redone
 
 
@@ -382,12 +383,17 @@ def process_unit(task: UnitTask) -> UnitStats:
                 _WORKER["on_batch"](len(pending), new_tokens)
             pending.clear()
 
+        pending_chars = 0
         for item in _iter_unit_records(unit, validator, config):
             stats.records += 1
             if isinstance(item, Document):
                 pending.append(item)
-                if len(pending) >= config.batch_size:
+                pending_chars += sum(len(t) for t in item.texts)
+                # A batch also ends at BATCH_MAX_CHARS, so long documents (books, code files)
+                # cannot make one batch's token lists large: memory stays bounded.
+                if len(pending) >= config.batch_size or pending_chars >= BATCH_MAX_CHARS:
                     flush()
+                    pending_chars = 0
             else:
                 rejects[item["reason"]] += 1
                 reject_file.write(json.dumps(item, ensure_ascii=False) + "\n")

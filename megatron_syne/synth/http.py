@@ -1,10 +1,10 @@
 """A small HTTP/1.1 keep-alive client on asyncio streams, for JSON POSTs to inference servers.
 
-Why not httpx: on the 2-core development machine httpx spends about 4 ms of CPU per request
-and its connection pool scans every connection on each dispatch, so at 128 requests in flight
-it delivered about 40-320 requests/s against a server that answers in 200 ms (benchmarks/
-results/synth_client.md), i.e. the client, not the inference server, was the bottleneck. This
-transport sends each request in one write, parses only status, headers and the body
+Why not httpx: on the 2-core development machine httpx spent about 4 ms of CPU per request
+and its connection pool scans every connection on each dispatch, so with 128 requests in
+flight it delivered about 40 requests/s against a server that answers in 200 ms (ideal 640;
+benchmarks/results/synth_client.md): the client, not the inference server, was the
+bottleneck. This transport sends each request in one write, parses only status, headers and the body
 (Content-Length, chunked or read-to-close), and keeps one idle-connection stack per server.
 """
 
