@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_syne.data.metadata import add_columns, read_metadata
-from megatron_syne.scoring.parts import PartsDir, chunk_ranges
+from megatron_syne.scoring.parts import PartsDir, PartsError, chunk_ranges
 from megatron_syne.topics.documents import document_tokens, open_indexed_dataset, strip_special
 from megatron_syne.utils.io import atomic_open
 
@@ -342,10 +342,20 @@ def score_dataset(config: PPLConfig) -> PPLSummary:
         "bos_token_id": config.bos_token_id,
         "dtype": str(dtype),
     }
+    # Rank 0 creates (or clears) the parts directory; its verdict on existing parts (e.g. a
+    # manifest of another model) reaches every rank, so none waits forever at a barrier.
+    error = None
     if rank == 0:
-        parts = PartsDir(config.parts_dir, manifest, restart=config.restart)
+        try:
+            parts = PartsDir(config.parts_dir, manifest, restart=config.restart)
+        except PartsError as e:
+            error = str(e)
     if dist.is_initialized():
-        dist.barrier()  # rank 0 has created (or cleared) the directory and manifest
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise PartsError(error)
     if rank != 0:
         parts = PartsDir(config.parts_dir, manifest)
     mine = ranges[rank::world]
