@@ -23,12 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as err:
         print(f"pretrain_llama3_syne.py: error: {err}", file=sys.stderr)
         return 2
+    from megatron_syne.data.curriculum import CurriculumError
+    from megatron_syne.data.mixture_dataset import ComponentExhaustedError
+    from megatron_syne.data.spec import SpecError
     from megatron_syne.training.distributed import destroy_distributed
     from megatron_syne.training.loop import NonFiniteLossError, pretrain
 
     try:
         pretrain(args)
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
+    except (
+        CheckpointError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        SpecError,
+        CurriculumError,
+        ComponentExhaustedError,
+    ) as err:
         print(f"pretrain_llama3_syne.py: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -648,6 +648,10 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
         merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
     _concatenate_rejects(unit_rejects, duplicates_records, config.rejects_path)
     if not config.keep_partitions:
+        # Manifests first: a run killed during this cleanup never leaves a manifest whose
+        # unit files are already gone (the next run simply redoes those units).
+        for manifest in parts_dir.glob("*.done.json"):
+            manifest.unlink(missing_ok=True)
         shutil.rmtree(parts_dir, ignore_errors=True)
     total.rejects = dict(sorted(total.rejects.items()))
     return PreprocessSummary(

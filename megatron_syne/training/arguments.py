@@ -131,6 +131,11 @@ class TrainArgs:
     data_cache_path: str | None = _arg(None, "where dataset index caches go (default beside data)")
     mock_data: bool = _arg(False, "synthetic token sequences (megatron-core MockGPTDataset)")
     data_config: str | None = _arg(None, "mixture spec YAML (dynamic mixture and curriculum)")
+    data_root: str | None = _arg(
+        None,
+        "root of relative source paths in --data-config (default: the spec's data_root, else "
+        "the spec file's directory)",
+    )
     eod_token_id: int | None = _arg(
         None,
         "end-of-document token (default: Llama-3's 128001, or vocab_size-1 for smaller vocabs)",
@@ -277,8 +282,13 @@ class TrainArgs:
                 f"batch that is a multiple of {mbs * dp} (e.g. {mbs * dp * max(1, self.global_batch_size // (mbs * dp))})"
             )
         tokens_per_step = self.tokens_per_step
-        if (self.train_iters is None) == (self.train_tokens is None):
-            raise ArgumentError("give exactly one of --train-iters and --train-tokens")
+        if self.train_iters is not None and self.train_tokens is not None:
+            raise ArgumentError("give only one of --train-iters and --train-tokens")
+        if self.train_iters is None and self.train_tokens is None:
+            if self.data_config is None:
+                raise ArgumentError("give one of --train-iters and --train-tokens")
+            # A mixture spec states its own length (stage budgets): train exactly that.
+            self.train_iters = self._mixture_plan_iterations()
         if self.train_tokens is not None:
             self.train_iters = math.ceil(self.train_tokens / tokens_per_step)
         if self.train_iters < 1:
@@ -340,6 +350,19 @@ class TrainArgs:
     def tokens_per_step(self) -> int:
         """Tokens consumed by one optimizer step over all ranks."""
         return self.global_batch_size * self.seq_length
+
+    def _mixture_plan_iterations(self) -> int:
+        """Optimizer steps the --data-config spec's stages add up to (its data is checked too)."""
+        from megatron_syne.data.mixture_training import plan_from_spec
+        from megatron_syne.data.spec import SpecError
+
+        try:
+            plan = plan_from_spec(
+                self.data_config, self.data_root, self.seq_length, self.global_batch_size
+            )
+        except SpecError as err:
+            raise ArgumentError(str(err)) from err
+        return plan.total_iterations
 
 
 def _flag_type(annotation):

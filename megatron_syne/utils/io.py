@@ -15,6 +15,10 @@ def temporary_path_for(final_path: str | os.PathLike) -> Path:
     final_path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
     os.close(fd)
+    # mkstemp creates 0600; outputs should get the usual permissions (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 
