@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpt-stage1-stage2",
         [sys.executable, str(REPO / "pretrain_llama3_syne.py"), *MODEL_FLAGS, *BATCH_FLAGS,
          "--data-config", str(spec), "--data-root", str(data),
-         "--load", str(base), "--no-load-optim", "--no-load-rng",
+         "--load", str(base), "--finetune",
          "--lr", "1e-3", "--lr-warmup-init", "1e-5", "--lr-warmup-iters", "5",
          "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "10", "--min-lr", "1e-4",
          "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad", "1.0", "--seed", "1234",

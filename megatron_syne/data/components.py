@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from megatron_syne.data.curriculum import stable_key
 from megatron_syne.data.metadata import MetadataError, read_metadata
-from megatron_syne.data.spec import MixtureSpec, SourceSpec, SpecError
+from megatron_syne.data.spec import OTHER_TOPIC, MixtureSpec, SourceSpec, SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class Component:
     valid_tokens: int
     scores: np.ndarray | None = None  # PPL aligned with train_documents (NaN = missing)
     missing_scores: int = 0
+    # Topics merged into this component (``<source>/other``, min_topic_documents), sorted.
+    merged_topics: tuple[str, ...] = ()
 
     @property
     def seed_key(self) -> int:
@@ -53,6 +55,8 @@ class SourceResolution:
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> documents
     # Share of each component inside its source before any adjustment.
     initial_topic_weights: dict[str, float] = field(default_factory=dict)
+    # Topics merged into ``<source>/other`` (min_topic_documents) -> their selected documents.
+    merged_topics: dict[str, int] = field(default_factory=dict)
 
 
 def component_name(source: str, topic: str | None) -> str:
@@ -154,6 +158,33 @@ def resolve_source(
     else:
         topics = [None]
 
+    # topic -> topics whose documents form its component; rare ones share one component.
+    members: dict[str | None, tuple[str, ...]] = {t: (t,) for t in topics if t is not None}
+    merged: dict[str, int] = {}
+    if source.min_topic_documents > 0:
+        # Counted on the selected documents, after the `topics:` selection (nulls are gone).
+        counts = pc.value_counts(topics_col.filter(pa.array(keep))).to_pylist()
+        count = {c["values"]: c["counts"] for c in counts if c["values"] is not None}
+        rare = {t for t in topics if count.get(t, 0) < source.min_topic_documents}
+        if rare:
+            # A real topic named `other` would collide with the merged component: it joins it.
+            if OTHER_TOPIC in topics:
+                rare.add(OTHER_TOPIC)
+            merged = {t: int(count.get(t, 0)) for t in sorted(rare)}
+            kept = [t for t in topics if t not in merged]
+            topics = kept + [OTHER_TOPIC]
+            members = {t: (t,) for t in kept}
+            members[OTHER_TOPIC] = tuple(merged)
+            logger.info(
+                "%s: %d topics with < %d documents merged into %s (%d documents): %s",
+                where,
+                len(merged),
+                source.min_topic_documents,
+                component_name(source.name, OTHER_TOPIC),
+                sum(merged.values()),
+                ", ".join(f"{t} ({n})" for t, n in merged.items()),
+            )
+
     scores = None
     if source.curriculum.uses_ppl:
         column = source.curriculum.ppl_column
@@ -175,7 +206,10 @@ def resolve_source(
         mask = (
             keep
             if topic is None
-            else keep & np.asarray(pc.fill_null(pc.equal(topics_col, topic), False))
+            else keep
+            & np.asarray(
+                pc.fill_null(pc.is_in(topics_col, value_set=_string_array(members[topic])), False)
+            )
         )
         documents = all_ids[mask]
         name = component_name(source.name, topic)
@@ -209,10 +243,11 @@ def resolve_source(
                 valid_tokens=int(sizes[valid].sum(dtype=np.int64)),
                 scores=component_scores,
                 missing_scores=missing,
+                merged_topics=members[topic] if topic == OTHER_TOPIC and merged else (),
             )
         )
-    resolution = SourceResolution(source, components, n_docs, excluded)
-    resolution.initial_topic_weights = _initial_topic_weights(source, components)
+    resolution = SourceResolution(source, components, n_docs, excluded, merged_topics=merged)
+    resolution.initial_topic_weights = _initial_topic_weights(source, components, where)
     return resolution
 
 
@@ -220,12 +255,25 @@ def _string_array(values):
     return pa.array([str(v) for v in values], type=pa.string())
 
 
-def _initial_topic_weights(source: SourceSpec, components: list[Component]) -> dict[str, float]:
+def _initial_topic_weights(
+    source: SourceSpec, components: list[Component], where: str
+) -> dict[str, float]:
     if not source.split_by_topic:
         return {components[0].name: 1.0}
     if isinstance(source.topic_weights, tuple):
         given = dict(source.topic_weights)
-        return {c.name: given[c.topic] for c in components}
+        weights = {}
+        for c in components:
+            # A merged component carries its own weight (`other`, as the mixer writes it back)
+            # plus the weights given to the topics it absorbed.
+            parts = {c.topic, *c.merged_topics}
+            if not parts & set(given):
+                raise SpecError(
+                    f"{where}.topic_weights: no weight for component {c.name}; "
+                    f"give one for {sorted(parts)}"
+                )
+            weights[c.name] = sum(given.get(t, 0.0) for t in parts)
+        return weights
     if source.topic_weights == "uniform":
         return {c.name: 1.0 / len(components) for c in components}
     total = sum(c.train_tokens for c in components)

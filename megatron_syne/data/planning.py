@@ -30,6 +30,8 @@ class PlanReport:
     component_epochs: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, dict[str, int]] = field(default_factory=dict)
     missing_scores: dict[str, int] = field(default_factory=dict)
+    # source -> (min_topic_documents, {merged topic: selected documents}); see <source>/other.
+    merged_topics: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -78,6 +80,11 @@ def plan_report(plan: MixturePlan) -> PlanReport:
     for name, resolution in plan.resolutions.items():
         if any(resolution.excluded.values()):
             report.excluded[name] = {k: v for k, v in resolution.excluded.items() if v}
+        if resolution.merged_topics:
+            report.merged_topics[name] = (
+                resolution.spec.min_topic_documents,
+                dict(resolution.merged_topics),
+            )
     report.warnings = plan.check_static_budget()
     return report
 
@@ -119,7 +126,8 @@ def format_report(plan: MixturePlan, report: PlanReport) -> str:
                     if c.topic is None:
                         continue
                     tokens = report.component_tokens.get((stage.name, c.name), 0)
-                    lines.append(f"      {c.topic:<20} {_fmt_tokens(tokens):>8}")
+                    merged = f"  ({len(c.merged_topics)} merged topics)" if c.merged_topics else ""
+                    lines.append(f"      {c.topic:<20} {_fmt_tokens(tokens):>8}{merged}")
     lines.append("\nepochs per component over the whole run (planned weights):")
     for c in plan.components:
         epochs = report.component_epochs[c.name]
@@ -131,6 +139,12 @@ def format_report(plan: MixturePlan, report: PlanReport) -> str:
     for source, reasons in report.excluded.items():
         for reason, count in reasons.items():
             lines.append(f"  excluded from {source}: {count} documents ({reason})")
+    for source, (threshold, topics) in report.merged_topics.items():
+        lines.append(
+            f"  merged into {source}/other: {len(topics)} topics with < {threshold} documents, "
+            f"{sum(topics.values())} documents: "
+            + ", ".join(f"{t} ({n})" for t, n in topics.items())
+        )
     for name, count in report.missing_scores.items():
         lines.append(f"  {name}: {count} documents without a PPL score (placed per missing_ppl)")
     for warning in report.warnings:

@@ -39,6 +39,8 @@ MISSING_PPL_POLICIES = ("error", "last", "first")
 TOPIC_WEIGHT_MODES = ("natural", "uniform")
 DELTA_NORMALIZATIONS = ("relative", "absolute", "standardized")
 SELECT_COLUMNS = ("lang", "source", "topic")
+# Topic of the component that gathers a source's rare topics (see min_topic_documents).
+OTHER_TOPIC = "other"
 
 
 class SpecError(ValueError):
@@ -106,6 +108,11 @@ class SourceSpec:
     ``valid_fraction`` of each component's documents (at least ``valid_min_documents``, at most
     ``valid_max_documents``) is held out, never trained on, and used as that component's
     validation set (the per-topic held-out sets of the method).
+
+    ``min_topic_documents`` (documents; 0 = off): with ``split_by_topic``, topics with fewer
+    selected documents than this are merged into one component ``<source>/other``. Real topic
+    labels are long-tailed, and a topic of a handful of documents can give neither a held-out
+    set nor a meaningful loss for the mixer.
     """
 
     name: str
@@ -120,8 +127,15 @@ class SourceSpec:
     valid_fraction: float = 0.0
     valid_min_documents: int = 0
     valid_max_documents: int = 1000
+    min_topic_documents: int = 0
 
     def __post_init__(self) -> None:
+        if self.min_topic_documents < 0:
+            raise ValueError(
+                f"min_topic_documents: {self.min_topic_documents} must be >= 0 (0 = no merging)"
+            )
+        if self.min_topic_documents and not self.split_by_topic:
+            raise ValueError("min_topic_documents needs split_by_topic: true")
         if self.on_exhaustion not in EXHAUSTION_POLICIES:
             raise ValueError(
                 f"on_exhaustion: {self.on_exhaustion!r} is not one of {EXHAUSTION_POLICIES}"
@@ -365,10 +379,19 @@ def _parse_source(name: str, data: Any, where: str) -> SourceSpec:
     weights = data.get("topic_weights", "natural")
     if isinstance(weights, dict):
         weights = _ratios(weights, f"{where}.topic_weights", "topic weights")
-        if kwargs["topics"] and set(kwargs["topics"]) != {t for t, _ in weights}:
+        named = {t for t, _ in weights}
+        if data.get("min_topic_documents"):
+            # A merged component is weighted by the name `other` (what the mixer writes back)
+            # or by the sum of its topics' weights.
+            if kwargs["topics"] and not named <= set(kwargs["topics"]) | {OTHER_TOPIC}:
+                raise _fail(
+                    f"{where}.topic_weights",
+                    f"may only name the topics listed in topics, or {OTHER_TOPIC!r}",
+                )
+        elif kwargs["topics"] and set(kwargs["topics"]) != named:
             raise _fail(f"{where}.topic_weights", "must name exactly the topics listed in topics")
     kwargs["topic_weights"] = weights
-    for key in ("valid_min_documents", "valid_max_documents"):
+    for key in ("valid_min_documents", "valid_max_documents", "min_topic_documents"):
         if key in kwargs:
             kwargs[key] = _number(kwargs[key], f"{where}.{key}", integer=True)
     if "valid_fraction" in kwargs:

@@ -6,6 +6,8 @@
 Prints tokens per stage, group, source and topic, and the epochs each component needs (warning
 above 1); exits with status 1 (and the reason) when the spec cannot run on the data: a component
 with no documents, a PPL curriculum without PPL scores, repetition where it is forbidden.
+Lists the rare topics merged into ``<source>/other`` (``min_topic_documents``) with their
+document counts.
 Writes a PNG of the planned weights over training; with --tensorboard-dir the actual weights of
 a run (``mixture/weight/*`` scalars) are overlaid.
 """
@@ -54,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     actual = read_tensorboard_weights(args.tensorboard_dir) if args.tensorboard_dir else None
     png = Path(args.png) if args.png else Path(args.spec).with_suffix(".plan.png")
     plot_plan(plan, png, actual)
+    merged = sum(len(topics) for _, topics in report.merged_topics.values())
     print(
         f"\nsummary: {len(plan.components)} components, {sum(report.stage_tokens.values()):,} "
-        f"tokens, {len(report.warnings)} warnings; plot {png}; {time.time() - start:.1f}s"
+        f"tokens, {merged} rare topics merged into <source>/other, {len(report.warnings)} "
+        f"warnings; plot {png}; {time.time() - start:.1f}s"
     )
     return 0
 
