@@ -304,7 +304,9 @@ def write_updated_spec(spec_path, new_weights: Mapping[str, float], output) -> N
         largest = max(rounded, key=rounded.get)
         rounded[largest] = round(rounded[largest] + 1.0 - sum(rounded.values()), 6)
         sources[source]["topic_weights"] = rounded
-        if sources[source].get("topics"):
+        merges_rare_topics = sources[source].get("min_topic_documents", 0) and "other" in rounded
+        if sources[source].get("topics") and not merges_rare_topics:
+            # With rare topics merged, "other" stands for several listed topics: keep the list.
             sources[source]["topics"] = list(rounded)
     parse_spec(data, str(output))  # the written spec must be valid
     with atomic_open(output, "w", encoding="utf-8") as f:

@@ -206,3 +206,21 @@ def test_demo_spec_merges_rare_topics():
     spec = load_spec(REPO / "examples/quickstart/syne_demo.yaml")
     assert spec.source("news-cn").min_topic_documents == 12
     assert spec.source("encyclopedia-en").min_topic_documents == 12
+
+
+def test_update_keeps_the_topic_list_when_rare_topics_are_merged(longtail, tmp_path):
+    """update.py's next-round spec must stay valid: "other" stands for the merged topics."""
+    from megatron_syne.data.mixer import write_updated_spec
+
+    root, _ = longtail
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**_spec_data(5), "data_root": str(root)}))
+    output = tmp_path / "next.yaml"
+    write_updated_spec(
+        spec_path, {"news/history": 0.5, "news/science": 0.3, "news/other": 0.2}, output
+    )
+    written = yaml.safe_load(output.read_text())["sources"]["news"]
+    assert written["topics"] == sorted(TOPIC_COUNTS)
+    assert written["topic_weights"] == {"history": 0.5, "science": 0.3, "other": 0.2}
+    resolution = resolve_spec(load_spec(output), root)["news"]
+    assert {c.topic for c in resolution.components} == {"history", "science", "other"}
