@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint format clean bench
+.PHONY: setup test demo lint format clean readme
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test: setup lint
 
 demo: setup
 	$(PY) examples/quickstart/run_demo.py --output-dir demo_output
+
+readme: setup
+	$(PY) docs/build_readme.py
 
 clean:
 	rm -rf demo_output .pytest_cache
