@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +36,12 @@ from megatron_syne.data.mixture_dataset import (
 )
 from megatron_syne.data.schedule import MixturePlan
 from megatron_syne.data.spec import MixtureSpec, SpecError, load_spec
+from megatron_syne.training.data import TokenizerInfo
 from megatron_syne.training.hooks import TrainingHook
 
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "syne_mixture"
-
-
-@dataclass(frozen=True)
-class _TokenizerInfo:
-    """What megatron-core's GPT datasets need from a tokenizer (part of the cache key)."""
-
-    vocab_size: int
-    eod: int
-
-    @property
-    def unique_identifiers(self) -> dict:
-        return {"class": "TokenizerInfo", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
 def resolve_data_root(spec: MixtureSpec, data_root: str | os.PathLike | None) -> Path:
@@ -270,7 +258,7 @@ def gpt_dataset_config(args, cache_dir: str | os.PathLike) -> GPTDatasetConfig:
         blend=None,
         split="1,0,0",
         path_to_cache=str(cache_dir),
-        tokenizer=_TokenizerInfo(vocab_size=args.preset.vocab_size, eod=eod),
+        tokenizer=TokenizerInfo(vocab_size=args.preset.vocab_size, eod=eod),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

@@ -44,7 +44,7 @@ class TrainingData:
 
 
 @dataclass(frozen=True)
-class _TokenizerInfo:
+class TokenizerInfo:
     """The two facts megatron-core's GPT datasets need from a tokenizer."""
 
     vocab_size: int
@@ -104,7 +104,7 @@ def build_train_valid_test_datasets(args) -> TrainingData:
         blend=blend,
         split=args.split,
         path_to_cache=args.data_cache_path,
-        tokenizer=_TokenizerInfo(vocab_size=args.preset.vocab_size, eod=args.eod_token_id),
+        tokenizer=TokenizerInfo(vocab_size=args.preset.vocab_size, eod=args.eod_token_id),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
