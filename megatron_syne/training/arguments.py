@@ -283,10 +283,13 @@ class TrainArgs:
             )
         tokens_per_step = self.tokens_per_step
         if self.train_iters is not None and self.train_tokens is not None:
-            raise ArgumentError("give only one of --train-iters and --train-tokens")
+            raise ArgumentError("give exactly one of --train-iters and --train-tokens, not both")
         if self.train_iters is None and self.train_tokens is None:
             if self.data_config is None:
-                raise ArgumentError("give one of --train-iters and --train-tokens")
+                raise ArgumentError(
+                    "give exactly one of --train-iters and --train-tokens (with --data-config, "
+                    "leave both out to train the spec's stages)"
+                )
             # A mixture spec states its own length (stage budgets): train exactly that.
             self.train_iters = self._mixture_plan_iterations()
         if self.train_tokens is not None:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,3 +102,20 @@ def test_history_plots_losses_and_weights(tmp_path, capsys):
     assert _tool("history").main([str(history), "--png", str(png)]) == 0
     assert "3 measurements, 2 updates, 3 topics" in capsys.readouterr().out
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_length_defaults_to_the_specs_stages(corpus, tmp_path):
+    """pretrain_llama3_syne.py --data-config without --train-iters trains the spec's stages."""
+    from megatron_syne.training.arguments import ArgumentError, parse_args
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "data_root": str(corpus)}, sort_keys=False))
+    flags = ["--device", "cpu", "--model", "tiny", "--seq-length", "32", "--global-batch-size",
+             "4", "--data-config", str(spec_path)]  # fmt: skip
+    assert parse_args(flags, world_size=1).train_iters == 80
+    assert parse_args([*flags, "--train-iters", "50"], world_size=1).train_iters == 50
+    bad = yaml.safe_load(spec_path.read_text())
+    bad["stages"][0]["groups"]["all"]["sources"]["web-zh"] = 0.4
+    spec_path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(ArgumentError, match="ratios sum to 0.9"):
+        parse_args(flags, world_size=1)

@@ -1,14 +1,17 @@
-"""PPL scoring: equality with transformers' loss (HF path, data parallel; converted Megatron
-path), too-short marking, resume, and bad input."""
+"""PPL scoring: equality with transformers' loss (HF and converted Megatron paths, one rank and
+two data-parallel ranks), too-short marking, resume, and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from megatron_syne.data.metadata import MetadataError, read_metadata, write_metadata
@@ -109,30 +112,20 @@ def test_metadata_row_count_mismatch_is_rejected(setup, tmp_path):
         score_dataset(PPLConfig(data_prefix=str(prefix), hf_model=str(hf), progress=False))
 
 
-def test_converted_megatron_path_matches_transformers_loss(setup, tmp_path):
+@pytest.fixture(scope="module")
+def megatron_checkpoint(setup):
+    """The tiny HF model converted once to a torch_dist checkpoint, plus the scorer's model flags
+    (--load, --preset and the shape overrides that describe it)."""
     pytest.importorskip("megatron_syne.convert.hf_to_megatron")
     from megatron_syne.convert.arch import LlamaArch
     from megatron_syne.convert.hf_to_megatron import HFToMegatronConfig, convert_hf_to_megatron
 
-    root, hf, docs, reference = setup
-    prefix = build_token_dataset(tmp_path / "ds", docs)
+    root, hf, _, _ = setup
     convert_hf_to_megatron(
-        HFToMegatronConfig(hf, tmp_path / "meg", dtype="float32", show_progress=False)
+        HFToMegatronConfig(hf, root / "meg", dtype="float32", show_progress=False)
     )
     shape = LlamaArch.from_hf_dir(hf).to_preset_overrides()
-    args = [
-        sys.executable, "tools/ppl/score_ppl.py",
-        "--data-prefix", str(prefix),
-        "--load", str(tmp_path / "meg"),
-        "--preset", "tiny",
-        "--max-tokens", str(MAX_TOKENS),
-        "--min-tokens", str(MIN_TOKENS),
-        "--micro-batch-size", "4",
-        "--bos-token-id", str(BOS),
-        "--eod-token-id", str(EOD),
-        "--dtype", "fp32",
-        "--no-progress",
-    ]  # fmt: skip
+    args = ["--load", str(root / "meg"), "--preset", "tiny"]
     for name in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
         "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings",
@@ -141,12 +134,85 @@ def test_converted_megatron_path_matches_transformers_loss(setup, tmp_path):
         args += [f"--{name.replace('_', '-')}", str(shape[name])]
     assert shape["untie_embeddings_and_output_weights"]
     args.append("--untie-embeddings-and-output-weights")
+    return args
+
+
+def _megatron_score_args(prefix, model_args, micro_batch_size, chunk_size):
+    return [
+        "tools/ppl/score_ppl.py",
+        "--data-prefix", str(prefix),
+        *model_args,
+        "--max-tokens", str(MAX_TOKENS),
+        "--min-tokens", str(MIN_TOKENS),
+        "--micro-batch-size", str(micro_batch_size),
+        "--chunk-size", str(chunk_size),
+        "--bos-token-id", str(BOS),
+        "--eod-token-id", str(EOD),
+        "--dtype", "fp32",
+        "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def megatron_single_rank(setup, megatron_checkpoint, tmp_path_factory):
+    """One process scores the dataset from the converted checkpoint: (prefix, stdout)."""
+    _, _, docs, _ = setup
+    prefix = build_token_dataset(tmp_path_factory.mktemp("ppl-meg1") / "ds", docs)
+    args = _megatron_score_args(prefix, megatron_checkpoint, micro_batch_size=4, chunk_size=512)
     proc = subprocess.run(
-        args, cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "NLL via torch" in proc.stdout
+    return prefix, proc.stdout
+
+
+def test_converted_megatron_path_matches_transformers_loss(setup, megatron_single_rank):
+    _, _, docs, reference = setup
+    prefix, stdout = megatron_single_rank
+    assert "NLL via torch" in stdout and "1 rank(s)" in stdout
     _check_against_reference(prefix, docs, reference)
+
+
+def test_converted_megatron_path_data_parallel(
+    setup, megatron_checkpoint, megatron_single_rank, tmp_path
+):
+    """Two ranks over the Megatron path: same nll/ppl as one rank and as transformers, and
+    every document is scored by exactly one rank and written exactly once."""
+    _, _, docs, reference = setup
+    prefix = build_token_dataset(tmp_path / "ds", docs)
+    chunk_size = 4  # 22 documents -> 6 chunks: rank 0 gets 0, 2, 4; rank 1 gets 1, 3, 5
+    args = _megatron_score_args(
+        prefix, megatron_checkpoint, micro_batch_size=3, chunk_size=chunk_size
+    )
+    run_torchrun([*args, "--keep-parts"], nproc=2, timeout=300)
+    _check_against_reference(prefix, docs, reference)
+
+    single = read_metadata(megatron_single_rank[0]).to_pylist()
+    double = read_metadata(prefix).to_pylist()
+    assert len(double) == len(single) == len(docs)
+    for one, two in zip(single, double):
+        assert one["ppl_status"] == two["ppl_status"] and one["ppl_tokens"] == two["ppl_tokens"]
+        if one["nll"] is None:
+            assert two["nll"] is None and two["ppl"] is None
+        else:
+            assert abs(one["nll"] - two["nll"]) < 1e-4, (one, two)
+            assert math.isclose(one["ppl"], two["ppl"], rel_tol=1e-4)
+
+    # The parts tile [0, n) with no gap and no overlap: each row was written exactly once.
+    parts = sorted((tmp_path / "ds.ppl.parts").glob("part-*.parquet"))
+    bounds = [tuple(int(x) for x in p.stem.split("-")[1:]) for p in parts]
+    assert bounds == [(s, min(s + chunk_size, len(docs))) for s in range(0, len(docs), chunk_size)]
+    assert [pq.read_metadata(p).num_rows for p in parts] == [e - s for s, e in bounds]
+    summary = json.loads(Path(f"{prefix}.ppl.summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["rank_chunks"] == 3  # rank 0's share
+    assert summary["documents_scored"] == 12  # chunks [0, 4), [8, 12), [16, 20)
+    statuses = [r["ppl_status"] for r in single]
+    assert summary["status_counts"] == {s: statuses.count(s) for s in set(statuses)}
 
 
 def test_too_short_and_bos_handling_without_model_noise(setup, tmp_path):
