@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -194,7 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     out = Path(options.output_dir).resolve()
+    # Every run starts from scratch (the tools would otherwise resume from the last run's files),
+    # but only a directory this script made is ever deleted.
+    marker = out / ".megatron-syne-demo"
+    if out.exists() and any(out.iterdir()):
+        if not marker.exists():
+            raise SystemExit(
+                f"{out} exists and is not a previous demo output; pass another --output-dir"
+            )
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     data = out / "data"
     demo = Demo(out)
     started = time.time()
