@@ -131,6 +131,18 @@ def llama3_tiktoken_model() -> Path:
     return llama3_tokenizer_dir() / "tokenizer.model"
 
 
+def _vocab_size_with_added(tok) -> int:
+    """``tok.get_vocab_size(with_added_tokens=True)`` without building the whole vocabulary.
+
+    That call materialises a string -> id map of every token (about 0.1 s for Llama-3's 128k,
+    paid before any preprocessing worker starts). The same count is: the model's vocabulary plus
+    the added tokens whose text is not already one of its tokens.
+    """
+    contents = {token.content for token in tok.get_added_tokens_decoder().values()}
+    new = sum(1 for content in contents if tok.model.token_to_id(content) is None)
+    return tok.get_vocab_size(with_added_tokens=False) + new
+
+
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` (Rust) tokenizer, loaded from a local tokenizer.json."""
 
@@ -151,7 +163,7 @@ class HFTokenizer:
         # end-of-document id: special-token strings in text are encoded as ordinary text.
         self._tok.encode_special_tokens = True
         config = config or {}
-        self.vocab_size = vocab_size or self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = vocab_size or _vocab_size_with_added(self._tok)
         self.eod = self._special_id(config.get("eos_token"), ("<|end_of_text|>", "</s>", "<eos>"))
         self.bos = self._special_id(
             config.get("bos_token"), ("<|begin_of_text|>", "<s>", "<bos>"), required=False
