@@ -63,6 +63,28 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _row_statistics(x_row, target, n_cols, HAS_LOGIT_SUM: tl.constexpr, BLOCK: tl.constexpr):
+        """One pass of online softmax over a row: (max, sum of exp(x - max), x[target], sum x).
+
+        ``target`` outside [0, n_cols) (another rank's shard, or ignored) gives x[target] = 0.
+        """
+        running_max = float("-inf")
+        sumexp = 0.0
+        logit_sum = 0.0
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            in_row = offs < n_cols
+            x = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, axis=0))
+            sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
+            if HAS_LOGIT_SUM:
+                logit_sum += tl.sum(tl.where(in_row, x, 0.0), axis=0)
+        in_shard = (target >= 0) & (target < n_cols)
+        target_logit = tl.load(x_row + target, mask=in_shard, other=0.0).to(tl.float32)
+        return running_max, sumexp, target_logit, logit_sum
+
+    @triton.jit
     def _ce_stats_kernel(
         x_ptr,
         x_row_stride,
@@ -79,20 +101,9 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_row_stride
         target = tl.load(target_ptr + row)
-        running_max = float("-inf")
-        sumexp = 0.0
-        logit_sum = 0.0
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            in_row = offs < n_cols
-            x = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(running_max, tl.max(x, axis=0))
-            sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-            running_max = new_max
-            if HAS_LOGIT_SUM:
-                logit_sum += tl.sum(tl.where(in_row, x, 0.0), axis=0)
-        in_shard = (target >= 0) & (target < n_cols)
-        target_logit = tl.load(x_row + target, mask=in_shard, other=0.0).to(tl.float32)
+        running_max, sumexp, target_logit, logit_sum = _row_statistics(
+            x_row, target, n_cols, HAS_LOGIT_SUM, BLOCK
+        )
         tl.store(max_ptr + row, running_max)
         tl.store(sumexp_ptr + row, sumexp)
         tl.store(target_logit_ptr + row, target_logit)
@@ -157,20 +168,9 @@ if HAS_TRITON:
         x_row = x_ptr + row * x_row_stride
         grad_row = grad_ptr + row * grad_row_stride
         target = tl.load(target_ptr + row)
-        running_max = float("-inf")
-        sumexp = 0.0
-        logit_sum = 0.0
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            in_row = offs < n_cols
-            x = tl.load(x_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(running_max, tl.max(x, axis=0))
-            sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-            running_max = new_max
-            if HAS_LOGIT_SUM:
-                logit_sum += tl.sum(tl.where(in_row, x, 0.0), axis=0)
-        in_shard = (target >= 0) & (target < n_cols)
-        target_logit = tl.load(x_row + target, mask=in_shard, other=0.0).to(tl.float32)
+        running_max, sumexp, target_logit, logit_sum = _row_statistics(
+            x_row, target, n_cols, HAS_LOGIT_SUM, BLOCK
+        )
         tl.store(max_ptr + row, running_max)
         tl.store(sumexp_ptr + row, sumexp)
         tl.store(target_logit_ptr + row, target_logit)
