@@ -4,17 +4,21 @@
     python benchmarks/preprocess_throughput.py --workers 2 --target-mb 12
     python benchmarks/preprocess_throughput.py --input my.jsonl --workers 16
 
-Prints tokens/s (EOD included, the same token count for all three) for:
+Prints tokens/s (EOD included, the same token count for all) for:
 
 - ``tool``: tools/preprocess/preprocess_data.py's pipeline end to end (discovery, validation,
-  hashing, tokenization, .bin/.idx + metadata + rejects, merge), process start-up included.
-- ``tokenizer alone``: one native ``encode_batch`` over all texts already in memory, with the
-  tokenizer's own thread pool on every core: the ceiling.
+  hashing, tokenization, .bin/.idx + metadata + rejects, merge), tokenizer load included.
+- ``tokenizer alone``: tokenization of texts already in memory, nothing else, three ways:
+  tiktoken's ``encode_ordinary_batch`` (the engine the tool runs; its threads hold the GIL, so
+  this is one core's worth), Hugging Face ``tokenizers``' Rust ``encode_batch_fast`` (rayon on
+  every core), and tiktoken in one forked process per worker (the true multi-core figure).
+  The fastest of the three is the ceiling.
 - ``megatron-style``: Megatron-LM's tools/preprocess_data.py structure -- a multiprocessing pool
   that receives raw JSON lines, ``imap(encode, lines, chunksize=32)`` encoding one document per
   call, and the parent writing through megatron-core's ``IndexedDatasetBuilder.add_document``.
-  It uses the same Rust tokenizer (Megatron's HuggingFaceTokenizer wraps it in transformers, which
-  is slower still), so the comparison isolates the pipeline design.
+  Three tokenizer backends: tiktoken (the tool's engine, so the row isolates the pipeline
+  design), the Rust HF tokenizer, and transformers' ``AutoTokenizer`` (what Megatron-LM's
+  ``HuggingFaceTokenizer`` runs: the path people use today).
 
 Each measurement is the best of ``--repeats`` interleaved runs (the machine is shared: the best
 run is the one least disturbed by other processes). With ``--memory`` it also runs the tool on the input
@@ -24,6 +28,9 @@ repeated 1x and 4x and reports the peak RSS of the largest process, to show memo
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -42,9 +49,10 @@ class MegatronStyleEncoder:
     """The shape of Megatron-LM's ``Encoder`` (tools/preprocess_data.py): per-worker tokenizer
     built in the pool initializer, one JSON line in, one document's ids out.
 
-    ``backend="rust"`` calls the same Rust tokenizer our tool uses, one document per call;
-    ``backend="transformers"`` tokenizes like Megatron-LM's ``HuggingFaceTokenizer`` (an
-    ``AutoTokenizer`` call per document, without special tokens so the counts match ours).
+    ``backend``: ``"tiktoken"`` (the engine our tool runs), ``"rust"`` (Hugging Face
+    ``tokenizers`` from the same package's tokenizer.json) or ``"transformers"`` (an
+    ``AutoTokenizer`` call per document, as Megatron-LM's ``HuggingFaceTokenizer``; without
+    special tokens so the counts match ours). All three give the same ids.
     """
 
     tokenizer = None
@@ -53,19 +61,26 @@ class MegatronStyleEncoder:
         self.backend = backend
 
     def initializer(self) -> None:
-        from megatron_syne.preprocess.tokenizers import llama3_tokenizer_dir, load_tokenizer
+        from megatron_syne.preprocess.tokenizers import (
+            llama3_tokenizer_dir,
+            llama3_tokenizer_json,
+            load_tokenizer,
+        )
 
-        tokenizer = load_tokenizer()
         if self.backend == "transformers":
             from transformers import AutoTokenizer
 
             hf = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir()))
             MegatronStyleEncoder.tokenizer = (
                 lambda text: hf(text, add_special_tokens=False).input_ids,
-                tokenizer.eod,
+                hf.convert_tokens_to_ids("<|end_of_text|>"),
             )
+            return
+        if self.backend == "rust":
+            tokenizer = load_tokenizer("HuggingFaceTokenizer", llama3_tokenizer_json())
         else:
-            MegatronStyleEncoder.tokenizer = (tokenizer.encode, tokenizer.eod)
+            tokenizer = load_tokenizer()
+        MegatronStyleEncoder.tokenizer = (tokenizer.encode, tokenizer.eod)
 
     def encode(self, json_line: str):
         data = json.loads(json_line)
@@ -113,14 +128,62 @@ def measure_tool(input_path: str, workdir: Path, workers: int) -> tuple[float, i
     return time.perf_counter() - start, summary.stats.tokens["text"]
 
 
-def measure_ceiling(texts: list[str]) -> tuple[float, int]:
+def measure_ceiling(texts: list[str], engine: str) -> tuple[float, int]:
+    """One batch call over in-memory texts on every core (tokenizer load not timed)."""
+    from megatron_syne.preprocess.tokenizers import llama3_tokenizer_json, load_tokenizer
+
+    if engine == "rust":
+        tokenizer = load_tokenizer("HuggingFaceTokenizer", llama3_tokenizer_json())
+    else:
+        tokenizer = load_tokenizer()
+    with _all_cores():
+        start = time.perf_counter()
+        if engine == "rust":
+            encoded = tokenizer.encode_batch(texts)
+        else:  # tiktoken's own batch API, a thread per core
+            encoded = tokenizer._enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        seconds = time.perf_counter() - start
+    return seconds, sum(len(ids) + 1 for ids in encoded)  # + EOD, as the others count it
+
+
+_SHARED: dict = {}  # texts and tokenizer, inherited by forked ceiling processes
+
+
+def _encode_share(bounds: tuple[int, int]) -> int:
+    encode = _SHARED["tokenizer"].encode
+    return sum(len(encode(text)) + 1 for text in _SHARED["texts"][bounds[0] : bounds[1]])
+
+
+def measure_ceiling_processes(texts: list[str], workers: int) -> tuple[float, int]:
+    """tiktoken in one forked process per worker, each encoding a contiguous share of texts
+    already in memory (equal characters per share); only token counts come back. tiktoken's
+    own batch call holds the GIL (its threads do not add cores), so this is the real
+    tokenizer-alone ceiling for ``workers`` cores. Tokenizer load not timed; fork timed."""
     from megatron_syne.preprocess.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    _SHARED.update(texts=texts, tokenizer=load_tokenizer())
+    cumulative = list(itertools.accumulate(len(t) for t in texts))
+    cuts = [0]
+    for k in range(1, workers):
+        cuts.append(bisect.bisect_left(cumulative, cumulative[-1] * k / workers))
+    cuts.append(len(texts))
     start = time.perf_counter()
-    encoded = tokenizer.encode_batch(texts)
+    with mp.get_context("fork").Pool(workers) as pool:
+        counts = pool.map(_encode_share, list(zip(cuts[:-1], cuts[1:])), chunksize=1)
     seconds = time.perf_counter() - start
-    return seconds, sum(len(ids) + 1 for ids in encoded)  # + EOD, as the others count it
+    _SHARED.clear()
+    return seconds, sum(counts)
+
+
+@contextlib.contextmanager
+def _all_cores():
+    """Native thread pools on every core (undo a RAYON_NUM_THREADS=1 from the environment)."""
+    saved = os.environ.pop("RAYON_NUM_THREADS", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["RAYON_NUM_THREADS"] = saved
 
 
 def measure_megatron(
@@ -215,11 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         # each pipeline gets its chance at a quiet moment; the best run of each is kept.
         measures = {
             "tool": lambda: measure_tool(input_path, workdir, args.workers),
-            "ceiling": lambda: measure_ceiling(texts),
-            "megatron": lambda: measure_megatron(input_path, workdir, args.workers, "rust"),
+            "ceiling-tiktoken": lambda: measure_ceiling(texts, "tiktoken"),
+            "ceiling-rust": lambda: measure_ceiling(texts, "rust"),
+            "ceiling-processes": lambda: measure_ceiling_processes(texts, args.workers),
+            "megatron-tiktoken": lambda: measure_megatron(
+                input_path, workdir, args.workers, "tiktoken"
+            ),
+            "megatron-rust": lambda: measure_megatron(input_path, workdir, args.workers, "rust"),
         }
         if not args.skip_transformers:
-            measures["transformers"] = lambda: measure_megatron(
+            measures["megatron-transformers"] = lambda: measure_megatron(
                 input_path, workdir, args.workers, "transformers"
             )
         runs: dict[str, list[tuple[float, int]]] = {name: [] for name in measures}
@@ -227,38 +295,45 @@ def main(argv: list[str] | None = None) -> int:
             for name, measure in measures.items():
                 runs[name].append(measure())
         results = {name: min(r, key=lambda x: x[0]) for name, r in runs.items()}
-        tool_s, tool_tokens = results["tool"]
-        ceiling_s, ceiling_tokens = results["ceiling"]
-        megatron_s, megatron_tokens = results["megatron"]
-        if not tool_tokens == ceiling_tokens == megatron_tokens:
-            raise RuntimeError(
-                f"token counts differ: tool {tool_tokens}, tokenizer {ceiling_tokens}, "
-                f"megatron-style {megatron_tokens}"
-            )
-        ceiling_rate = ceiling_tokens / ceiling_s
-        rows = [
-            ("tool (preprocess_data.py)", tool_s, tool_tokens),
-            ("tokenizer alone (encode_batch, ceiling)", ceiling_s, ceiling_tokens),
-            ("megatron-style, Rust tokenizer, 1 doc/call", megatron_s, megatron_tokens),
-        ]
-        hf_s = None
-        if "transformers" in results:
-            # transformers turns special-token strings in the text into control ids (our tool
-            # does not), so its count may differ by a few tokens: each rate uses its own count.
-            hf_s, hf_tokens = results["transformers"]
-            rows.append(("megatron-style, HuggingFaceTokenizer (transformers)", hf_s, hf_tokens))
+        # transformers turns special-token strings in the text into control ids (the others
+        # do not), so its count may differ by a few tokens: each rate uses its own count.
+        counts = {name: tokens for name, (_, tokens) in results.items()}
+        exact = {k: v for k, v in counts.items() if k != "megatron-transformers"}
+        if len(set(exact.values())) != 1:
+            raise RuntimeError(f"token counts differ between pipelines: {exact}")
+        rate = {name: tokens / seconds for name, (seconds, tokens) in results.items()}
+        ceiling_name = max((n for n in rate if n.startswith("ceiling-")), key=rate.get)
+        ceiling_rate = rate[ceiling_name]
+        labels = {
+            "tool": "tool (preprocess_data.py, tiktoken engine)",
+            "ceiling-tiktoken": "tokenizer alone: tiktoken encode_ordinary_batch, all cores",
+            "ceiling-rust": "tokenizer alone: HF tokenizers encode_batch_fast, all cores",
+            "ceiling-processes": "tokenizer alone: tiktoken, one process per worker",
+            "megatron-tiktoken": "megatron-style, tiktoken, 1 doc/call",
+            "megatron-rust": "megatron-style, HF Rust tokenizer, 1 doc/call",
+            "megatron-transformers": "megatron-style, HuggingFaceTokenizer (transformers)",
+        }
         lines = [
-            f"| pipeline ({args.workers} workers) | seconds | tokens/s | vs ceiling |",
-            "|---|---:|---:|---:|",
+            f"| pipeline ({args.workers} workers) | seconds | tokens/s | vs ceiling | tool is |",
+            "|---|---:|---:|---:|---:|",
         ]
-        for name, seconds, tokens in rows:
-            rate = tokens / seconds
-            lines.append(f"| {name} | {seconds:.2f} | {rate:,.0f} | {rate / ceiling_rate:.2f}x |")
+        for name, (seconds, _) in results.items():
+            speedup = "" if name == "tool" else f"{rate['tool'] / rate[name]:.2f}x"
+            lines.append(
+                f"| {labels[name]} | {seconds:.2f} | {rate[name]:,.0f} | "
+                f"{rate[name] / ceiling_rate:.2f}x | {speedup} |"
+            )
         lines.append("")
+        megatron = [
+            f"{name.split('-', 1)[1]} {rate['tool'] / rate[name]:.2f}x"
+            for name in results
+            if name.startswith("megatron-")
+        ]
         lines.append(
-            f"tool / ceiling = {ceiling_s / tool_s:.2f} (target >= 0.8); tool / megatron-style "
-            f"(Rust) = {megatron_s / tool_s:.2f} (target >= 2)"
-            + (f"; tool / megatron-style (transformers) = {hf_s / tool_s:.2f}" if hf_s else "")
+            f"ceiling = {labels[ceiling_name].split(': ', 1)[1]}. tool / ceiling = "
+            f"{rate['tool'] / ceiling_rate:.2f} (target >= 0.8); tool / megatron-style = "
+            + ", ".join(megatron)
+            + " (target >= 2)"
         )
         lines.append(f"load average after: {os.getloadavg()[0]:.2f}")
         if args.memory:

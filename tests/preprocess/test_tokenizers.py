@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -56,6 +57,34 @@ def test_tiktoken_model_matches_hf(llama3):
         added = json.loads(llama3_tokenizer_json().read_text())["added_tokens"]
         by_name = {a["content"]: a["id"] for a in added}
         assert all(by_name[name] == i for name, i in tik.special_tokens.items())
+
+
+# Pieces that stress pre-tokenisation: whitespace kinds, contractions in any case, digit runs,
+# CJK, emoji sequences, combining marks, special-token strings, control characters.
+FUZZ_PIECES = [" ", "  ", "\n", "\r\n", "\r", "\t", "\u3000", "\xa0", "'s", "'S", "'LL", "'re",
+    "123", "12345678", "hello", "Hello", "HELLO", "世界", "中文字符", "。", "，", "!!", "...",
+    "<|end_of_text|>", "<|begin_of_text|>", "<|reserved_special_token_5|>", "😀", "👍🏽", "\u200b",
+    "é", "e\u0301", "ß", "Ω", "ﬁ", "٣", "१२३", "🇺🇸", "a\x01", "def f(x):\n    return x",
+    "    ", "\n\n\n", " \n ", "—", "“quoted”", "ǅ", "\ue000", "\U0010fffd"]  # fmt: skip
+
+
+def test_default_engine_equals_hf_tokenizer_json(tmp_path, llama3):
+    """The default Llama3Tokenizer (tiktoken on tokenizer.model) gives exactly the ids of the
+    packaged Hugging Face tokenizer.json, on the embedded corpus and on random strings."""
+    from megatron_syne.preprocess.corpus import CorpusConfig, build_demo_corpus
+
+    assert type(llama3).__name__ == "TikTokenizer"
+    hf = load_tokenizer("HuggingFaceTokenizer", llama3_tokenizer_json())
+    build_demo_corpus(CorpusConfig(str(tmp_path / "demo.jsonl"), target_mb=0.5))
+    with open(tmp_path / "demo.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    rng = random.Random(0)
+    for _ in range(2000):
+        texts.append("".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(1, 12))))
+    for _ in range(500):
+        texts.append("".join(chr(rng.randint(1, 0xD7FF)) for _ in range(rng.randint(1, 40))))
+    assert len(set(texts)) > 2000
+    assert llama3.encode_batch(texts) == hf.encode_batch(texts)
 
 
 def test_hf_directory_and_file(tmp_path, llama3):
