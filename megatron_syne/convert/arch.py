@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from megatron_syne.models.presets import SHAPE_FIELDS, DecoderShape
+
 
 class ConversionError(ValueError):
     """Bad input to a checkpoint conversion: the message names the file and the fix."""
@@ -56,81 +58,28 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ConversionError(f"unsupported dtype {dtype}; choose one of {sorted(_DTYPES)}")
 
 
-@dataclass(frozen=True)
-class LlamaArch:
-    """Shape and numerics of a Llama-3-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases).
+@dataclass(frozen=True, kw_only=True)
+class LlamaArch(DecoderShape):
+    """A checkpoint's decoder: the shared :class:`DecoderShape` (Megatron's field names, as
+    ``ModelPreset``) plus what only a checkpoint carries: its dtype and BOS/EOS ids.
 
-    Field names follow megatron_syne's ``ModelPreset`` (Megatron's flag names).
-    ``vocab_size`` is the tokenizer's vocabulary (unpadded); ``rope_scaling_factor`` is the
-    Llama-3.1 RoPE frequency scaling factor (None: no scaling).
+    ``vocab_size`` is the tokenizer's vocabulary (unpadded).
     """
 
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    vocab_size: int
-    max_position_embeddings: int
-    rotary_base: float
-    norm_epsilon: float
-    untie_embeddings_and_output_weights: bool
-    rope_scaling_factor: float | None = None
     dtype: str = "bfloat16"
     bos_token_id: int | None = 128000
     eos_token_id: int | list[int] | None = 128001
 
+    def _invalid(self, message: str) -> Exception:
+        return ConversionError(message)
+
     def __post_init__(self) -> None:
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "kv_channels",
-            "vocab_size",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConversionError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ConversionError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_query_groups={self.num_query_groups}: grouped-query attention needs whole groups"
-            )
-        if self.rotary_base <= 0 or self.norm_epsilon <= 0:
-            raise ConversionError("rotary_base and norm_epsilon must be > 0")
-        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
-            raise ConversionError(
-                f"rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"
-            )
+        super().__post_init__()
         dtype_from_name(self.dtype)
-
-    # ---- derived sizes (rows of the fused Megatron weights) ----
-    @property
-    def heads_per_group(self) -> int:
-        """Query heads sharing one key/value head."""
-        return self.num_attention_heads // self.num_query_groups
-
-    @property
-    def qkv_rows(self) -> int:
-        """Output features of the fused QKV projection: (heads + 2 * groups) * head_dim."""
-        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
-
-    @property
-    def num_parameters(self) -> int:
-        """Parameters of the unpadded model, embeddings included."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        q = self.num_attention_heads * self.kv_channels
-        per_layer = h * self.qkv_rows + q * h + 3 * h * f + 2 * h
-        emb = self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
-        return self.num_layers * per_layer + emb + h
 
     def replace(self, **changes: Any) -> LlamaArch:
         return dataclasses.replace(self, **changes)
@@ -264,32 +213,18 @@ class LlamaArch:
         compared.
         """
         mismatches = []
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "kv_channels",
-            "vocab_size",
-            "untie_embeddings_and_output_weights",
-        ):
-            if getattr(preset, name) != getattr(self, name):
-                mismatches.append(
-                    f"{name}: checkpoint {getattr(self, name)}, preset {getattr(preset, name)}"
+        for name in SHAPE_FIELDS:
+            if name == "max_position_embeddings":
+                continue
+            mine, theirs = getattr(self, name), getattr(preset, name)
+            if isinstance(mine, float) or isinstance(theirs, float):
+                same = (mine is None) == (theirs is None) and (
+                    mine is None or math.isclose(float(mine), float(theirs), rel_tol=1e-9)
                 )
-        for name in ("rotary_base", "norm_epsilon"):
-            if not math.isclose(
-                float(getattr(preset, name)), float(getattr(self, name)), rel_tol=1e-9
-            ):
-                mismatches.append(
-                    f"{name}: checkpoint {getattr(self, name)}, preset {getattr(preset, name)}"
-                )
-        preset_factor = getattr(preset, "rope_scaling_factor", None)
-        if preset_factor != self.rope_scaling_factor:
-            mismatches.append(
-                f"rope_scaling_factor: checkpoint {self.rope_scaling_factor}, preset {preset_factor}"
-            )
+            else:
+                same = mine == theirs
+            if not same:
+                mismatches.append(f"{name}: checkpoint {mine}, preset {theirs}")
         if mismatches:
             raise ConversionError(
                 f"the checkpoint does not match preset {preset.name!r}:\n  - "
@@ -298,39 +233,12 @@ class LlamaArch:
             )
 
     @classmethod
-    def from_preset(cls, preset: Any, dtype: str = "bfloat16") -> LlamaArch:
-        return cls(
-            num_layers=preset.num_layers,
-            hidden_size=preset.hidden_size,
-            ffn_hidden_size=preset.ffn_hidden_size,
-            num_attention_heads=preset.num_attention_heads,
-            num_query_groups=preset.num_query_groups,
-            kv_channels=preset.kv_channels,
-            vocab_size=preset.vocab_size,
-            max_position_embeddings=preset.max_position_embeddings,
-            rotary_base=float(preset.rotary_base),
-            norm_epsilon=float(preset.norm_epsilon),
-            untie_embeddings_and_output_weights=preset.untie_embeddings_and_output_weights,
-            rope_scaling_factor=getattr(preset, "rope_scaling_factor", None),
-            dtype=dtype,
-        )
+    def from_preset(cls, preset: DecoderShape, dtype: str = "bfloat16") -> LlamaArch:
+        return cls(**preset.shape(), dtype=dtype)
 
     def to_preset_overrides(self) -> dict[str, Any]:
         """``ModelPreset`` fields for a model of this shape (``preset.replace(**overrides)``)."""
-        return {
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "ffn_hidden_size": self.ffn_hidden_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_query_groups": self.num_query_groups,
-            "kv_channels": self.kv_channels,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rotary_base": self.rotary_base,
-            "norm_epsilon": self.norm_epsilon,
-            "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights,
-            "rope_scaling_factor": self.rope_scaling_factor,
-        }
+        return self.shape()
 
 
 def _parse_rope_scaling(rope_scaling: dict[str, Any] | None, problems: list[str]) -> float | None:

@@ -8,19 +8,37 @@ is overridden on the command line by ``--x`` with dashes (``--num-query-groups``
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
+# The fields that fix a decoder's shape and numerics, in Megatron's flag names.
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "max_position_embeddings",
+    "rotary_base",
+    "norm_epsilon",
+    "untie_embeddings_and_output_weights",
+    "rope_scaling_factor",
+)
+_POSITIVE_INTS = SHAPE_FIELDS[:8]
 
-@dataclass(frozen=True)
-class ModelPreset:
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderShape:
     """Shape of a Llama-3-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases).
 
-    ``seq_length`` is the training context in tokens; ``max_position_embeddings`` the longest
-    context the RoPE tables are built for. ``rope_scaling_factor`` is the Llama-3.1/3.2 RoPE
-    frequency scaling (None: no scaling).
+    The one description shared by the model presets (:class:`ModelPreset`) and the checkpoint
+    converter (``megatron_syne.convert.arch.LlamaArch``). ``max_position_embeddings`` is the
+    longest context the RoPE tables are built for; ``rope_scaling_factor`` the Llama-3.1/3.2
+    RoPE frequency scaling (None: no scaling).
     """
 
-    name: str
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -28,53 +46,78 @@ class ModelPreset:
     num_query_groups: int
     kv_channels: int
     vocab_size: int
-    seq_length: int
     max_position_embeddings: int
     rotary_base: float
     norm_epsilon: float
     untie_embeddings_and_output_weights: bool
     rope_scaling_factor: float | None = None
 
+    def _invalid(self, message: str) -> Exception:
+        """The exception for an invalid shape (subclasses add context and their error type)."""
+        return ValueError(message)
+
     def __post_init__(self) -> None:
-        positive = (
-            "num_layers",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "kv_channels",
-            "vocab_size",
-            "seq_length",
-            "max_position_embeddings",
-        )
-        for field in positive:
-            if getattr(self, field) <= 0:
-                raise ValueError(
-                    f"preset {self.name!r}: {field} must be > 0, got {getattr(self, field)}"
-                )
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise self._invalid(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"preset {self.name!r}: num_attention_heads={self.num_attention_heads} is not a "
-                f"multiple of num_query_groups={self.num_query_groups} (GQA needs whole groups)"
-            )
-        if self.seq_length > self.max_position_embeddings:
-            raise ValueError(
-                f"preset {self.name!r}: seq_length={self.seq_length} exceeds "
-                f"max_position_embeddings={self.max_position_embeddings}; raise "
-                "--max-position-embeddings or shorten --seq-length"
+            raise self._invalid(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_query_groups={self.num_query_groups} (grouped-query attention needs whole "
+                "groups)"
             )
         if self.rotary_base <= 0 or self.norm_epsilon <= 0:
-            raise ValueError(f"preset {self.name!r}: rotary_base and norm_epsilon must be > 0")
+            raise self._invalid("rotary_base and norm_epsilon must be > 0")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
+            raise self._invalid(f"rope_scaling_factor must be > 0, got {self.rope_scaling_factor}")
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads sharing one key/value head."""
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def qkv_rows(self) -> int:
+        """Output features of the fused QKV projection: (heads + 2 * groups) * head_dim."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
     @property
     def num_parameters(self) -> int:
         """Exact parameter count of the unpadded model (embeddings included)."""
-        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        h, f = self.hidden_size, self.ffn_hidden_size
         q = self.num_attention_heads * self.kv_channels
-        kv = 2 * self.num_query_groups * self.kv_channels
-        per_layer = h * (q + kv) + q * h + 3 * h * f + 2 * h
+        per_layer = h * self.qkv_rows + q * h + 3 * h * f + 2 * h
         embeddings = self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
-        return L * per_layer + embeddings + h
+        return self.num_layers * per_layer + embeddings + h
+
+    def shape(self) -> dict:
+        """The :data:`SHAPE_FIELDS` of this object, e.g. to build another kind from them."""
+        return {name: getattr(self, name) for name in SHAPE_FIELDS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPreset(DecoderShape):
+    """A named decoder shape plus its training context ``seq_length`` (tokens)."""
+
+    name: str
+    seq_length: int
+
+    def _invalid(self, message: str) -> Exception:
+        return ValueError(f"preset {self.name!r}: {message}")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seq_length, bool) or not isinstance(self.seq_length, numbers.Integral):
+            raise self._invalid(f"seq_length must be a positive integer, got {self.seq_length!r}")
+        if self.seq_length <= 0:
+            raise self._invalid(f"seq_length must be > 0, got {self.seq_length}")
+        if self.seq_length > self.max_position_embeddings:
+            raise self._invalid(
+                f"seq_length={self.seq_length} exceeds max_position_embeddings="
+                f"{self.max_position_embeddings}; raise --max-position-embeddings or shorten "
+                "--seq-length"
+            )
 
     def replace(self, **overrides) -> ModelPreset:
         """A copy with some fields changed (validated again). Unknown names raise ValueError.
