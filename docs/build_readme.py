@@ -27,6 +27,7 @@ README_SECTIONS = [
 BENCHMARK_ORDER = [
     "train_throughput.md",
     "kernels.md",
+    "fused_linear_memory.md",
     "preprocess_throughput.md",
     "blend_index.md",
     "topics.md",

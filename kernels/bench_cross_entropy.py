@@ -12,16 +12,20 @@ Implementations compared in the same run (absent ones are listed as skipped, not
   syne             megatron_syne vocab_parallel_cross_entropy (gradient buffer)
   syne-inplace     same with inplace_backward=True (gradient overwrites the logits)
 and for the output layer + loss (hidden [N,H], weight [V,H]):
-  torch-linear+ce  logits = h @ W^T, then F.cross_entropy on fp32 logits
-  liger-flce       LigerFusedLinearCrossEntropyLoss (needs liger-kernel)
-  syne-flce        megatron_syne fused_linear_cross_entropy
+  torch-linear+ce            logits = h @ W^T, then F.cross_entropy on fp32 logits
+  liger-flce                 LigerFusedLinearCrossEntropyLoss (needs liger-kernel)
+  syne-flce tokens           fused_linear_cross_entropy(schedule="tokens"), eager (3 GEMMs)
+  syne-flce vocab            fused_linear_cross_entropy(schedule="vocab"), eager (4 GEMMs)
+  syne-flce ... +main_grad   reduction "none" with dW added to an fp32 main_grad (deferred,
+                             4 GEMMs): what training with megatron-core DDP runs
 against the floor printed first: bytes for the loss (memory bound), three GEMMs for the head.
+The head table reports, per implementation, the peak extra memory (peak minus the returned dH
+and dW) beside the analytic expectation (benchmarking.flce_expected_extra_bytes).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,8 +36,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_syne.kernels import benchmarking as B  # noqa: E402
+from megatron_syne.kernels._dispatch import resolve_backend  # noqa: E402
 from megatron_syne.kernels.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from megatron_syne.kernels.fused_linear_cross_entropy import (  # noqa: E402
+    default_chunk_tokens,
+    default_chunk_vocab,
     fused_linear_cross_entropy,
 )
 
@@ -64,7 +71,7 @@ def _loss_impls(device: torch.device):
             x, t, group
         ).mean()
     except Exception as exc:  # ImportError, or a megatron-core that fails to import
-        impls["megatron-fused"] = f"skipped: megatron-core unavailable ({type(exc).__name__})"
+        impls["megatron-fused"] = f"megatron-core unavailable ({type(exc).__name__})"
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
 
@@ -73,7 +80,7 @@ def _loss_impls(device: torch.device):
         liger = LigerCrossEntropyLoss()
         impls["liger"] = lambda x, t: liger(x, t)
     except Exception as exc:
-        impls["liger"] = f"skipped: liger-kernel unavailable ({type(exc).__name__})"
+        impls["liger"] = f"liger-kernel unavailable ({type(exc).__name__})"
     return impls
 
 
@@ -106,7 +113,7 @@ def bench_loss(args, device, dtype) -> str:
     rows = []
     for name, fn in _loss_impls(device).items():
         if isinstance(fn, str):
-            rows.append(B.Measurement(name, float("nan"), None, note=fn))
+            rows.append(B.skipped(name, fn))
             continue
         x = base.clone().requires_grad_()
         loss = fn(x, target)
@@ -123,9 +130,9 @@ def bench_loss(args, device, dtype) -> str:
         def run(x=x, fn=fn):
             fn(x, target).backward()
 
-        m = B.measure(name, run, device, warmup=args.warmup, iters=args.iters, setup=setup)
-        m.max_abs_err = err
-        rows.append(m)
+        rows.append(
+            B.measure(name, run, device, args.warmup, args.iters, setup=setup, max_abs_err=err)
+        )
         del x
     out.append(B.format_table(rows, floor_ms))
     out.append("")
@@ -134,6 +141,42 @@ def bench_loss(args, device, dtype) -> str:
         "(gradient of the mean loss; bf16 gradients round at ~4e-3 relative)."
     )
     return "\n".join(out)
+
+
+def _linear_impls(target, chunk_tokens):
+    """name -> (callable(h, w) returning the loss to backward, schedule, main_grad) or a skip
+    reason."""
+
+    def torch_path(hh, ww):
+        return F.cross_entropy((hh @ ww.t()).float(), target)
+
+    def syne(schedule, main_grad):
+        def fn(hh, ww):
+            loss = fused_linear_cross_entropy(
+                hh, ww, target, reduction="none" if main_grad else "mean",
+                chunk_tokens=chunk_tokens, schedule=schedule,
+            )  # fmt: skip
+            return loss.mean() if main_grad else loss
+
+        return fn, schedule, main_grad
+
+    impls = {"torch-linear+ce": (torch_path, None, False)}
+    for schedule in ("tokens", "vocab"):
+        impls[f"syne-flce {schedule}"] = syne(schedule, False)
+    for schedule in ("tokens", "vocab"):
+        impls[f"syne-flce {schedule} +main_grad"] = syne(schedule, True)
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
+
+        if target.device.type != "cuda":
+            raise ImportError("Liger-Kernel needs CUDA")
+        liger = LigerFusedLinearCrossEntropyLoss()
+        impls["liger-flce"] = (lambda hh, ww: liger(ww, hh, target), None, False)
+    except Exception as exc:
+        impls["liger-flce"] = f"liger-kernel unavailable ({type(exc).__name__})"
+    return impls
 
 
 def bench_linear(args, device, dtype) -> str:
@@ -145,102 +188,105 @@ def bench_linear(args, device, dtype) -> str:
         "",
         f"Floor: three N x V x H products = {floor['flops'] / 1e12:.4f} TFLOP; one product "
         f"measured {gemm_ms:.3f} ms ({gemm_flops / 1e12:.0f} TFLOP/s) -> floor "
-        f"{3 * gemm_ms:.3f} ms. Memory: the gradient dW ({v * h * 2 / 2**30:.2f} GiB in bf16) "
+        f"{3 * gemm_ms:.3f} ms (the vocab schedule and every deferred backward do 4 products: "
+        f"{4 * gemm_ms:.3f} ms). Memory: the gradient dW ({v * h * 2 / 2**30:.2f} GiB in bf16) "
         f"is an output every implementation allocates; full fp32 logits would be "
         f"{4 * n * v / 2**30:.2f} GiB.",
         "",
     ]
-    torch.manual_seed(0)
-    hidden = torch.randn(n, h, device=device, dtype=dtype)
-    weight = (torch.randn(v, h, device=device) * h**-0.5).to(dtype)
-    target = torch.randint(0, v, (n,), device=device)
-
-    def torch_path(hh, ww):
-        return F.cross_entropy((hh @ ww.t()).float(), target)
-
-    impls = {
-        "torch-linear+ce": torch_path,
-        "syne-flce": lambda hh, ww: fused_linear_cross_entropy(hh, ww, target),
-    }
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import (
-            LigerFusedLinearCrossEntropyLoss,
-        )
-
-        if device.type != "cuda":
-            raise ImportError("Liger-Kernel needs CUDA")
-        liger = LigerFusedLinearCrossEntropyLoss()
-        impls["liger-flce"] = lambda hh, ww: liger(ww, hh, target)
-    except Exception as exc:
-        impls["liger-flce"] = f"skipped: liger-kernel unavailable ({type(exc).__name__})"
+    hidden, weight, target = B.random_head_inputs(n, h, v, device, dtype)
+    chunk_tokens = default_chunk_tokens(v, dtype)
+    torch_path = resolve_backend("auto", device) == "torch"
 
     hr = hidden.float().clone().requires_grad_()
     wr = weight.float().clone().requires_grad_()
-    ref_loss = torch_path(hr, wr)
+    ref_loss = F.cross_entropy(hr @ wr.t(), target)
     ref_loss.backward()
-    rows = []
-    for name, fn in impls.items():
-        if isinstance(fn, str):
-            rows.append(B.Measurement(name, float("nan"), None, note=fn))
+    ref_dw = wr.grad
+    del hr, wr
+    rows, memory = [], []
+    for name, impl in _linear_impls(target, chunk_tokens).items():
+        if isinstance(impl, str):
+            rows.append(B.skipped(name, impl))
+            memory.append("| - | - |")
             continue
+        fn, schedule, main_grad = impl
         hh = hidden.clone().requires_grad_()
-        ww = weight.clone().requires_grad_()
+        ww = torch.nn.Parameter(weight.clone())
+
+        def setup(hh=hh, ww=ww, main_grad=main_grad):
+            hh.grad = ww.grad = None
+            if main_grad:  # megatron-core DDP's zero_grad_buffer
+                ww.main_grad.zero_()
+                ww.grad_added_to_main_grad = False
+
+        if main_grad:
+            ww.main_grad = torch.zeros(ww.shape, dtype=torch.float32, device=device)
+        setup()
         loss = fn(hh, ww)
         loss.backward()
-        rel_dw = ((ww.grad.float() - wr.grad).norm() / wr.grad.norm()).item()
+        dw = (ww.main_grad if main_grad else ww.grad).float()
+        rel_dw = ((dw - ref_dw).norm() / ref_dw.norm()).item()
         err = (loss.float() - ref_loss).abs().item()
-
-        def setup(hh=hh, ww=ww):
-            hh.grad = ww.grad = None
+        del loss, dw
+        setup()
+        extra = B.peak_extra_memory(lambda hh=hh, ww=ww, fn=fn: _backward(fn, hh, ww), device)
 
         def run(hh=hh, ww=ww, fn=fn):
             fn(hh, ww).backward()
 
-        m = B.measure(name, run, device, warmup=args.warmup, iters=args.iters, setup=setup)
-        m.max_abs_err = err
-        m.note = f"rel. L2 err of dW vs fp32: {rel_dw:.2e}"
-        rows.append(m)
-        del hh, ww, loss
-    out.append(B.format_table(rows, 3 * gemm_ms))
+        rows.append(
+            B.measure(
+                name, run, device, args.warmup, args.iters, setup=setup, max_abs_err=err,
+                note=f"rel. L2 err of dW vs fp32: {rel_dw:.2e}",
+            )
+        )  # fmt: skip
+        if schedule is None:
+            expected = B.unfused_expected_extra_bytes(n, v, dtype)
+        else:
+            expected = B.flce_expected_extra_bytes(
+                schedule, n, h, v, dtype, chunk_tokens, default_chunk_vocab(n, dtype),
+                main_grad, torch_path,
+            )  # fmt: skip
+        memory.append(f"| {extra.extra / B.MIB:,.0f} | {sum(expected.values()) / B.MIB:,.0f} |")
+        del hh, ww
+    table = B.format_table(rows, 3 * gemm_ms).splitlines()
+    table[0] += " extra w/o returned dH, dW (MiB) | expected (MiB) |"
+    table[1] += " ---: | ---: |"
+    table[2:] = [line + cells[1:] for line, cells in zip(table[2:], memory, strict=True)]
+    out.append("\n".join(table))
     out.append("")
     out.append(
-        "max abs err: |loss - fp32 reference|. Peak extra memory includes the dW and dH "
-        "gradients each implementation returns."
+        "max abs err: |loss - fp32 reference|. Peak extra memory: above the memory at entry, "
+        "including the dW and dH each implementation returns; extra w/o returned dH, dW: "
+        "that peak minus the returned gradients in their own dtype (the main_grad rows' dummy "
+        "weight gradient counts as dW; their fp32 main_grad exists before the call), the "
+        "quantity of the issue's target < 1.2 GB = 1,144 MiB; expected: "
+        "benchmarking.flce_expected_extra_bytes."
     )
     return "\n".join(out)
 
 
+def _backward(fn, hh, ww):
+    fn(hh, ww).backward()
+    return [hh.grad, ww.grad]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke run")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
+    B.add_common_arguments(parser)
     parser.add_argument("--skip-linear", action="store_true")
-    parser.add_argument("--output", type=Path, help="also write the markdown tables here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.small:
         args.tokens, args.hidden, args.vocab = 257, 64, 1000
         args.iters = min(args.iters, 3)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    header = (
-        f"## Kernel benchmark on {B.device_label(device)} (torch {torch.__version__}, "
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
-    )
-    print(header, flush=True)
-    sections = [header, "", bench_loss(args, device, dtype)]
-    print(sections[-1], flush=True)
+    dtype = B.bench_dtype(args.dtype, device)
+    report = B.Report("Kernel benchmark", device)
+    report.add(bench_loss(args, device, dtype))
     if not args.skip_linear:
-        sections += ["", bench_linear(args, device, dtype)]
-        print(sections[-1], flush=True)
-    if args.output:
-        args.output.write_text("\n".join(sections) + "\n")
+        report.add(bench_linear(args, device, dtype))
+    report.write(args.output)
     return 0
 
 

@@ -18,7 +18,6 @@ Whole model (input ids -> scores), tokens/s and peak memory:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,12 @@ from megatron_syne.kernels import benchmarking as B  # noqa: E402
 from megatron_syne.kernels.ppl import token_nll_from_hidden  # noqa: E402
 
 
+def _measure_throughput(name, fn, device, args, err: float, n_tokens: int) -> B.Measurement:
+    m = B.measure(name, fn, device, args.warmup, args.iters, max_abs_err=err)
+    m.note = B.tokens_per_second(n_tokens, m.time_ms)
+    return m
+
+
 def bench_head(args, device, dtype) -> str:
     n, h, v = args.tokens, args.hidden, args.vocab
     gemm_flops, gemm_ms = B.measured_matmul_flops(device, n, v, h, dtype)
@@ -43,10 +48,7 @@ def bench_head(args, device, dtype) -> str:
         f"would be {n * v * 2 / 2**30:.2f} GiB in bf16 and {n * v * 4 / 2**30:.2f} GiB in fp32.",
         "",
     ]
-    torch.manual_seed(0)
-    hidden = torch.randn(n, h, device=device, dtype=dtype)
-    weight = (torch.randn(v, h, device=device) * h**-0.5).to(dtype)
-    target = torch.randint(0, v, (n,), device=device)
+    hidden, weight, target = B.random_head_inputs(n, h, v, device, dtype)
     ref = F.cross_entropy(hidden.float() @ weight.float().t(), target, reduction="none")
     impls = {
         "torch-upcast": lambda: F.cross_entropy(
@@ -58,10 +60,7 @@ def bench_head(args, device, dtype) -> str:
     with torch.no_grad():
         for name, fn in impls.items():
             err = (fn() - ref).abs().max().item()
-            m = B.measure(name, fn, device, warmup=args.warmup, iters=args.iters)
-            m.max_abs_err = err
-            m.note = f"{n / (m.time_ms / 1e3):,.0f} tokens/s"
-            rows.append(m)
+            rows.append(_measure_throughput(name, fn, device, args, err, n))
     out += [B.format_table(rows, gemm_ms), "", "max abs err: per-token NLL vs fp32 logits."]
     return "\n".join(out)
 
@@ -125,10 +124,7 @@ def bench_model(args, device, dtype) -> str:
             ("syne", syne, lambda x: x.mean().item()),
         ]:
             err = abs(mean_of(fn()) - reference)
-            m = B.measure(name, fn, device, warmup=args.warmup, iters=args.iters)
-            m.max_abs_err = err
-            m.note = f"{n_scored / (m.time_ms / 1e3):,.0f} tokens/s"
-            rows.append(m)
+            rows.append(_measure_throughput(name, fn, device, args, err, n_scored))
     hf_tps = n_scored / (rows[0].time_ms / 1e3)
     syne_tps = n_scored / (rows[-1].time_ms / 1e3)
     return "\n".join(
@@ -147,41 +143,25 @@ def bench_model(args, device, dtype) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke run")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=128256)
+    B.add_common_arguments(parser)
     parser.add_argument("--ffn-hidden", type=int, default=14336)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the model")
     parser.add_argument("--seq-length", type=int, default=2048)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-model", action="store_true")
-    parser.add_argument("--output", type=Path, help="also write the markdown tables here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.small:
         args.tokens, args.hidden, args.vocab, args.ffn_hidden = 256, 64, 1000, 128
         args.heads, args.kv_heads, args.layers, args.seq_length = 4, 2, 2, 64
         args.iters = min(args.iters, 3)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    header = (
-        f"## PPL scoring benchmark on {B.device_label(device)} (torch {torch.__version__}, "
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
-    )
-    print(header, flush=True)
-    sections = [header, "", bench_head(args, device, dtype)]
-    print(sections[-1], flush=True)
+    dtype = B.bench_dtype(args.dtype, device)
+    report = B.Report("PPL scoring benchmark", device)
+    report.add(bench_head(args, device, dtype))
     if not args.skip_model:
-        sections += ["", bench_model(args, device, dtype)]
-        print(sections[-1], flush=True)
-    if args.output:
-        args.output.write_text("\n".join(sections) + "\n")
+        report.add(bench_model(args, device, dtype))
+    report.write(args.output)
     return 0
 
 

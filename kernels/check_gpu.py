@@ -99,29 +99,42 @@ def check_fused_linear(device, results, shapes):
         weight = (torch.randn(vocab, hidden_size, device=device) / 16).to(dtype)
         target = torch.randint(0, vocab, (n,), device=device)
         target[::9] = -100
-        for reduction, smoothing, z_weight in [
-            ("mean", 0.0, 0.0), ("sum", 0.1, 0.0), ("none", 0.1, 1e-3), ("mean", 0.0, 1e-3),
-        ]:  # fmt: skip
+        cases = itertools.product(
+            ["tokens", "vocab"],
+            [("mean", 0.0, 0.0), ("sum", 0.1, 0.0), ("none", 0.1, 1e-3), ("mean", 0.0, 1e-3)],
+            [False],
+        )
+        # dW added to an fp32 main_grad (megatron-core DDP), both schedules.
+        main_grad_cases = [(s, ("none", 0.0, 0.0), True) for s in ("tokens", "vocab")]
+        for schedule, (reduction, smoothing, z_weight), main_grad in [*cases, *main_grad_cases]:
             kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss_weight=z_weight)
             shape = target.shape if reduction == "none" else ()
             grads = [torch.randn(shape, device=device) for _ in range(2 if z_weight else 1)]
             res = {}
             for impl in ("fused", "reference"):
                 h = (hidden if impl == "fused" else hidden.float()).clone().requires_grad_()
-                w = (weight if impl == "fused" else weight.float()).clone().requires_grad_()
+                w = torch.nn.Parameter((weight if impl == "fused" else weight.float()).clone())
+                if impl == "fused" and main_grad:
+                    w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=device)
+                    w.grad_added_to_main_grad = False
                 if impl == "fused":
                     out = fused_linear_cross_entropy(
-                        h, w, target, chunk_tokens=max(8, n // 4), backend="triton", **kw
-                    )
+                        h, w, target, chunk_tokens=max(8, n // 4), schedule=schedule,
+                        chunk_vocab=vocab // 3 + 1, backend="triton", **kw,
+                    )  # fmt: skip
                 else:
                     out = fused_linear_cross_entropy_reference(h, w, target, **kw)
                 out = out if isinstance(out, tuple) else (out,)
                 sum((o * g).sum() for o, g in zip(out, grads)).backward()
-                res[impl] = ([o.detach() for o in out], h.grad, w.grad)
+                dw = w.main_grad if impl == "fused" and main_grad else w.grad
+                res[impl] = ([o.detach() for o in out], h.grad, dw)
             errs = [rel_err(a, b) for a, b in zip(res["fused"][0], res["reference"][0])]
             errs += [rel_err(res["fused"][1], res["reference"][1])]
             errs += [rel_err(res["fused"][2], res["reference"][2])]
-            name = f"flce {str(dtype)[6:]} V={vocab} {reduction} ls={smoothing} z={z_weight}"
+            name = (
+                f"flce {schedule}{' +main_grad' if main_grad else ''} {str(dtype)[6:]} "
+                f"V={vocab} {reduction} ls={smoothing} z={z_weight}"
+            )
             results.append((name, max(errs), 2 * tolerance(dtype)))
 
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU session for the fused kernels (issue 6), under 8 minutes on an H100/H200:
+# One prepared GPU session for the fused kernels (issue 6), under 9 minutes on an H100/H200:
 #   1. environment (card, driver, torch, triton),
-#   2. correctness of every Triton kernel in bf16 and fp32 against the torch references,
-#   3. bench_cross_entropy.py and bench_ppl.py at N=8192, H=4096, V=128256, bf16.
+#   2. correctness of every Triton kernel in bf16 and fp32 against the torch references
+#      (the fused head: both schedules, with and without main_grad accumulation),
+#   3. bench_cross_entropy.py (loss; fused head: token and vocab schedules, each also with
+#      main_grad, timed against the 3-GEMM floor, with extra memory beside its expectation),
+#      bench_fused_linear_memory.py (the memory table of the head) and bench_ppl.py, all at
+#      N=8192, H=4096, V=128256, bf16.
 # Writes the tables and logs into $OUT (default: ./device_check_out). Installs nothing from
 # the internet; if a .whl/ folder travels with the tree (e.g. megatron-core, liger-kernel
 # wheels for Python 3.12), they are installed offline into /tmp/site first.
@@ -37,6 +41,9 @@ tail -5 "$OUT/check_gpu.log"
 timeout 160 $PY kernels/bench_cross_entropy.py --output "$OUT/bench_cross_entropy.md" \
     > "$OUT/bench_cross_entropy.log" 2>&1 || status=1
 cat "$OUT/bench_cross_entropy.md" 2> /dev/null || tail -30 "$OUT/bench_cross_entropy.log"
+timeout 60 $PY kernels/bench_fused_linear_memory.py --output "$OUT/fused_linear_memory.md" \
+    > "$OUT/bench_fused_linear_memory.log" 2>&1 || status=1
+cat "$OUT/fused_linear_memory.md" 2> /dev/null || tail -30 "$OUT/bench_fused_linear_memory.log"
 timeout 130 $PY kernels/bench_ppl.py --output "$OUT/bench_ppl.md" \
     > "$OUT/bench_ppl.log" 2>&1 || status=1
 cat "$OUT/bench_ppl.md" 2> /dev/null || tail -30 "$OUT/bench_ppl.log"

@@ -348,15 +348,32 @@ def _fused_stats_and_grad(
     return stats
 
 
+def _rescale_factor(old_max: torch.Tensor, new_max: torch.Tensor) -> torch.Tensor:
+    """``exp(old_max - new_max)``, 0 where both are -inf (a block of all -inf logits adds 0
+    to the sum of exps instead of NaN)."""
+    return torch.exp(torch.nan_to_num(old_max - new_max, nan=float("-inf")))
+
+
+def merge_row_stats(a: RowStats, b: RowStats) -> RowStats:
+    """Statistics of the concatenation of two disjoint column blocks of the same rows.
+
+    The online-softmax combination used across vocabulary chunks on one rank (out-of-block
+    targets contribute a target logit of 0, so the target logits simply add).
+    """
+    new_max = torch.maximum(a.max, b.max)
+    sumexp = a.sumexp * _rescale_factor(a.max, new_max) + b.sumexp * _rescale_factor(b.max, new_max)
+    logit_sum = None if a.logit_sum is None else a.logit_sum + b.logit_sum
+    return RowStats(new_max, sumexp, a.target_logit + b.target_logit, logit_sum)
+
+
 def allreduce_row_stats(stats: RowStats, group) -> RowStats:
     """Combine shard statistics across the TP group: one MAX all-reduce, one fused SUM."""
     if group is None or dist.get_world_size(group) == 1:
         return stats
     global_max = stats.max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    # Rescale each shard's sum of exps to the global max before summing; a shard whose max is
-    # -inf (all -inf logits) contributes 0 instead of NaN.
-    scale = torch.exp(torch.nan_to_num(stats.max - global_max, nan=float("-inf")))
+    # Rescale each shard's sum of exps to the global max before summing.
+    scale = _rescale_factor(stats.max, global_max)
     parts = [stats.sumexp * scale, stats.target_logit]
     if stats.logit_sum is not None:
         parts.append(stats.logit_sum)

@@ -144,9 +144,16 @@ class LlamaRMSNorm(torch.nn.Module):
 
 class LlamaGPTModel(GPTModel):
     """megatron-core's ``GPTModel`` whose language-model loss comes from
-    :func:`megatron_syne.training.loss.compute_token_losses` (the project's single loss seam:
-    megatron's, Transformer Engine's or our Triton cross entropy, chosen by the config's
-    ``cross_entropy_loss_fusion`` / ``cross_entropy_fusion_impl``)."""
+    :mod:`megatron_syne.training.loss` (the project's single loss seam: megatron's, Transformer
+    Engine's or our Triton cross entropy, chosen by the config's ``cross_entropy_loss_fusion`` /
+    ``cross_entropy_fusion_impl``).
+
+    With ``cross_entropy_fusion_impl == "syne-linear"`` and labels, the output layer's GEMM is
+    not run: the per-token loss comes straight from the final hidden states and the output
+    weight (:func:`megatron_syne.training.loss.compute_token_losses_from_hidden`), so the
+    ``[s, b, V_local]`` logits never exist. Without labels (generation, logits export) the
+    output layer runs as usual.
+    """
 
     def compute_language_model_loss(
         self, labels: torch.Tensor, logits: torch.Tensor
@@ -154,6 +161,32 @@ class LlamaGPTModel(GPTModel):
         from megatron_syne.training.loss import compute_token_losses
 
         return compute_token_losses(logits, labels, self.config)
+
+    def _postprocess(self, hidden_states, labels=None, **kwargs):
+        # megatron-core 0.16.1's GPTModel.forward calls _postprocess with keyword arguments
+        # only; everything but the fused loss path is left to it.
+        from megatron_syne.training.loss import compute_token_losses_from_hidden, uses_linear_fusion
+
+        if labels is None or not self.post_process or not uses_linear_fusion(self.config):
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        if self.config.mtp_num_layers is not None or kwargs.get("mtp_in_postprocess"):
+            raise NotImplementedError(
+                "--cross-entropy-fusion-impl syne-linear does not support multi-token "
+                "prediction; use --cross-entropy-fusion-impl syne"
+            )
+        if kwargs.get("inference_context") is not None and not self.training:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        return compute_token_losses_from_hidden(
+            hidden_states,
+            weight,
+            labels,
+            tp_group=self.output_layer.tp_group,
+            sequence_parallel=self.output_layer.sequence_parallel,
+        )
 
 
 def get_layer_spec(transformer_impl: str = "local") -> ModuleSpec:

@@ -18,20 +18,16 @@ import os
 from dataclasses import dataclass, field
 
 from megatron_syne.models.presets import PRESETS, ModelPreset, get_preset
+from megatron_syne.models.presets import SHAPE_FIELDS as PRESET_SHAPE_FIELDS
 
-# Preset fields that a flag of the same name overrides.
+# Shape fields without a flag of their own: they come from the preset.
+NON_FLAG_SHAPE_FIELDS = ("untie_embeddings_and_output_weights", "rope_scaling_factor")
+
+# Preset fields that a flag of the same name overrides: the numeric shape fields, and the
+# training context.
 SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
+    *(f for f in PRESET_SHAPE_FIELDS if f not in NON_FLAG_SHAPE_FIELDS),
     "seq_length",
-    "max_position_embeddings",
-    "rotary_base",
-    "norm_epsilon",
 )
 
 LLAMA3_EOD_TOKEN_ID = 128001
@@ -121,7 +117,9 @@ class TrainArgs:
     # ---- loss --------------------------------------------------------------------------------
     cross_entropy_loss_fusion: bool = _arg(False, "use a fused vocab-parallel cross entropy")
     cross_entropy_fusion_impl: str = _arg(
-        "native", "fused cross-entropy implementation", choices=["native", "te", "syne"]
+        "native",
+        "fused cross-entropy implementation (syne-linear: output layer fused into the loss)",
+        choices=["native", "te", "syne", "syne-linear"],
     )
     # ---- data --------------------------------------------------------------------------------
     data_path: list[str] | None = _arg(

@@ -1,10 +1,15 @@
-"""A short CPU training run with ``--cross-entropy-fusion-impl syne`` matches the unfused run.
+"""Short CPU training runs with the fused losses match the unfused run.
 
-Three runs of the tiny Llama on mock data, 4 steps each, compared step by step on loss and
-gradient norm:
-* unfused (megatron-core ``vocab_parallel_cross_entropy``), TP=1: the baseline;
-* fused syne, TP=1, with ``TRITON_INTERPRET=1``: the Triton kernels run inside training;
-* fused syne, TP=2 over gloo (torch path): the vocab-parallel statistics all-reduces.
+Runs of the tiny Llama on mock data, 4 steps each, compared step by step on loss and gradient
+norm:
+* unfused (megatron-core ``vocab_parallel_cross_entropy``), TP=1: the baseline (run once);
+* ``--cross-entropy-fusion-impl syne``, TP=1, with ``TRITON_INTERPRET=1``: the Triton kernels
+  run inside training;
+* ``syne``, TP=2 over gloo (torch path): the vocab-parallel statistics all-reduces;
+* ``--cross-entropy-fusion-impl syne-linear``, TP=1: the output layer fused into the loss (no
+  logits), its weight gradient added to megatron-core DDP's fp32 ``main_grad``. (TP=2 + sequence
+  parallelism and tied embeddings of this path are checked at model level, under DDP, in
+  ``tp_worker.py``.)
 """
 
 import json
@@ -42,10 +47,19 @@ def _run_single(tmp_path, name, extra, env_extra=None):
     return _metrics(out)
 
 
-@pytest.mark.skipif(not ENTRY.exists(), reason="training entry point not present")
-def test_fused_syne_loss_matches_unfused_training(tmp_path):
-    base_loss, base_norm = _run_single(tmp_path, "unfused", [])
+@pytest.fixture(scope="module")
+def unfused(tmp_path_factory):
+    if not ENTRY.exists():
+        pytest.skip("training entry point not present")
+    base_loss, base_norm = _run_single(tmp_path_factory.mktemp("unfused"), "unfused", [])
     assert len(base_loss) == 4
+    # The comparisons are meaningful: the model does learn over the 4 steps.
+    assert base_loss[-1] != base_loss[0]
+    return base_loss, base_norm
+
+
+def test_fused_syne_loss_matches_unfused_training(tmp_path, unfused):
+    base_loss, base_norm = unfused
     triton_loss, triton_norm = _run_single(
         tmp_path, "syne_triton", FUSED, {"TRITON_INTERPRET": "1"}
     )
@@ -59,5 +73,11 @@ def test_fused_syne_loss_matches_unfused_training(tmp_path):
     for loss, norm in [(triton_loss, triton_norm), (tp_loss, tp_norm)]:
         assert loss == pytest.approx(base_loss, rel=1e-4)
         assert norm == pytest.approx(base_norm, rel=1e-3)
-    # The comparison is meaningful: the model does learn over the 4 steps.
-    assert base_loss[-1] != base_loss[0]
+
+
+def test_fused_linear_loss_matches_unfused_training(tmp_path, unfused):
+    base_loss, base_norm = unfused
+    linear = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "syne-linear"]
+    loss, norm = _run_single(tmp_path, "syne_linear", linear)
+    assert loss == pytest.approx(base_loss, rel=1e-4)
+    assert norm == pytest.approx(base_norm, rel=1e-3)

@@ -2,6 +2,10 @@
 
 Every rank builds the same full-vocabulary problem from one seed, keeps its vocab shard, and
 checks loss and gradients against the plain-autograd reference on the full vocabulary.
+Last, the Llama model under TP = 2 + sequence parallelism wrapped in megatron-core's
+DistributedDataParallel: ``--cross-entropy-fusion-impl syne-linear`` (output layer fused into the
+loss, weight gradient added to ``main_grad`` directly) gives the unfused model's losses and
+``main_grad`` of every parameter, with untied and with tied embeddings.
 Prints one ``CHECK <name> OK`` line per passed check (the pytest side counts them).
 """
 
@@ -25,6 +29,10 @@ VOCAB, HIDDEN = 1000, 16
 
 def check(name, got, want, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    passed(name)
+
+
+def passed(name):
     if dist.get_rank() == 0:
         print(f"CHECK {name} OK", flush=True)
 
@@ -103,11 +111,17 @@ def fused_linear_cases(rank, world, group):
     target = torch.randint(0, VOCAB, (n_tokens,))
     target[::6] = -100
     rows = slice(rank * n_tokens // world, (rank + 1) * n_tokens // world)
-    for backend, sp, reduction, smoothing, z_weight in [
-        ("torch", False, "mean", 0.1, 0.0),
-        ("torch", True, "none", 0.0, 1e-2),
-        ("torch", True, "sum", 0.1, 0.0),
-        ("triton", True, "mean", 0.1, 0.0),
+    for schedule, backend, sp, reduction, smoothing, z_weight, main_grad in [
+        ("tokens", "torch", False, "mean", 0.1, 0.0, False),
+        ("tokens", "torch", True, "none", 0.0, 1e-2, False),
+        ("tokens", "torch", True, "sum", 0.1, 0.0, False),
+        ("tokens", "triton", True, "mean", 0.1, 0.0, False),
+        ("tokens", "torch", True, "none", 0.0, 0.0, True),
+        # Vocab schedule: 500-row shards in chunks of 192 (two full, one ragged of 116).
+        ("vocab", "torch", False, "mean", 0.1, 0.0, False),
+        ("vocab", "torch", True, "none", 0.1, 1e-2, False),
+        ("vocab", "triton", True, "sum", 0.1, 0.0, False),
+        ("vocab", "torch", True, "mean", 0.0, 0.0, True),
     ]:
         kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss_weight=z_weight)
         shape = target.shape if reduction == "none" else ()
@@ -118,7 +132,10 @@ def fused_linear_cases(rank, world, group):
             fused_linear_cross_entropy_reference(h_full, w_full, target, **kw), grads
         )
         h = (hidden[rows] if sp else hidden).clone().requires_grad_()
-        w = weight[shard].clone().requires_grad_()
+        w = torch.nn.Parameter(weight[shard].clone())
+        if main_grad:  # as megatron-core DDP prepares it (earlier micro-batches: 1.0)
+            w.main_grad = torch.ones(w.shape)
+            w.grad_added_to_main_grad = False
         got = backward_all(
             fused_linear_cross_entropy(
                 h,
@@ -127,16 +144,87 @@ def fused_linear_cases(rank, world, group):
                 tp_group=group,
                 sequence_parallel=sp,
                 chunk_tokens=20,
+                schedule=schedule,
+                chunk_vocab=192,
                 backend=backend,
                 **kw,
             ),
             grads,
         )
-        name = f"flce[{backend},sp={sp},{reduction},ls={smoothing},z={z_weight}]"
+        name = (
+            f"flce[{schedule},{backend},sp={sp},{reduction},ls={smoothing},z={z_weight},"
+            f"main_grad={main_grad}]"
+        )
         for i, (g, x) in enumerate(zip(got, want, strict=True)):
             check(f"{name}.out{i}", g, x)
         check(f"{name}.dhidden", h.grad, h_full.grad[rows] if sp else h_full.grad)
-        check(f"{name}.dweight", w.grad, w_full.grad[shard])
+        if main_grad:
+            assert w.grad_added_to_main_grad, name
+            check(f"{name}.main_grad", w.main_grad - 1.0, w_full.grad[shard])
+        else:
+            check(f"{name}.dweight", w.grad, w_full.grad[shard])
+
+
+def model_linear_fusion_parity(world):
+    """Two micro-batches through DDP-wrapped tiny Llamas, unfused vs syne-linear."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_syne.models.init import initialize_weights_layout_invariant
+    from megatron_syne.models.llama3 import build_gpt_model, transformer_config_from_preset
+    from megatron_syne.models.presets import get_preset
+    from megatron_syne.training.distributed import initialize_distributed
+
+    initialize_distributed("cpu", tensor_model_parallel_size=world, seed=3)
+    vocab, seq, batch = 512, 32, 2
+    tokens = torch.randint(0, vocab, (2, batch, seq))
+    labels = torch.randint(0, vocab, (2, batch, seq))
+    positions = torch.arange(seq).expand(batch, -1)
+    loss_mask = (torch.rand(2, batch, seq) > 0.2).float()
+    for tied in (False, True):
+        preset = get_preset("tiny").replace(
+            vocab_size=vocab, seq_length=seq, untie_embeddings_and_output_weights=not tied
+        )
+        results = {}
+        for impl in ("unfused", "syne-linear"):
+            config = transformer_config_from_preset(
+                preset,
+                tensor_model_parallel_size=world,
+                sequence_parallel=True,
+                cross_entropy_loss_fusion=impl != "unfused",
+            )
+            config.cross_entropy_fusion_impl = impl if impl != "unfused" else "native"
+            model = build_gpt_model(preset, config)
+            initialize_weights_layout_invariant([model], 11, config.init_method_std, 4)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, check_for_nan_in_grad=False
+            )
+            model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+            model.zero_grad_buffer()
+            losses = []
+            for micro in range(2):  # main_grad accumulates over micro-batches
+                per_token = model(tokens[micro], positions, None, labels=labels[micro])
+                (per_token * loss_mask[micro]).sum().backward()
+                losses.append(per_token.detach())
+            head = model.module.shared_embedding_or_output_weight()
+            if not tied:
+                head = model.module.output_layer.weight
+            main_grads = {n: p.main_grad.clone() for n, p in model.module.named_parameters()}
+            results[impl] = (torch.stack(losses), main_grads, head.grad_added_to_main_grad)
+        name = f"model[tp={world},sp,tied={tied}]"
+        check(f"{name}.losses", results["syne-linear"][0], results["unfused"][0])
+        fused_grads, unfused_grads = results["syne-linear"][1], results["unfused"][1]
+        assert fused_grads.keys() == unfused_grads.keys()
+        for param_name, grad in unfused_grads.items():
+            assert grad.abs().max() > 0, f"{name}: {param_name} got no gradient"
+            torch.testing.assert_close(
+                fused_grads[param_name], grad, rtol=1e-4, atol=1e-6,
+                msg=lambda m, n=param_name, label=name: f"{label}.main_grad[{n}]: {m}",
+            )  # fmt: skip
+        passed(f"{name}.main_grad[{len(unfused_grads)} params]")
+        # The fused head wrote its gradient into main_grad and told DDP's hook so; the unfused
+        # head (no gradient accumulation fusion on CPU) left it to the hook.
+        assert results["syne-linear"][2] is True and results["unfused"][2] is False, name
+        passed(f"{name}.grad_added_to_main_grad")
 
 
 def main():
@@ -150,6 +238,7 @@ def main():
     fused_linear_cases(rank, world, group)
     if os.environ.get("SKIP_MEGATRON_PARITY") != "1":
         megatron_parity(rank, world)
+        model_linear_fusion_parity(world)
     dist.barrier()
     dist.destroy_process_group()
 
