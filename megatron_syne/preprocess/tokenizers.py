@@ -18,7 +18,7 @@ Types (Megatron-LM names):
   run by tiktoken as Meta's reference code does (128000 BPE + 256 special tokens = 128256,
   ``<|begin_of_text|>`` = 128000, ``<|end_of_text|>`` = 128001). Its ids are identical to the
   package's Hugging Face ``tokenizer.json`` (tested on the demo corpus and random strings) and it
-  encodes about 1.5-2x faster. A ``tokenizer_model`` may be a ``tokenizer.json`` or an HF
+  encodes about 3x faster per core. A ``tokenizer_model`` may be a ``tokenizer.json`` or an HF
   tokenizer directory (run by Hugging Face ``tokenizers``), or Meta's tiktoken-format
   ``tokenizer.model`` (or a directory holding only that file).
 - ``HuggingFaceTokenizer``: a local HF tokenizer directory or ``tokenizer.json`` (never
