@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of bf16 on GPU")
-    parser.add_argument("--cross-entropy-fusion", choices=["native", "te", "syne"], default=None)
+    parser.add_argument(
+        "--cross-entropy-fusion", choices=["native", "te", "syne", "syne-linear"], default=None
+    )
     parser.add_argument("--output", default=None, help="write the table (markdown) here")
     options = parser.parse_args(argv)
     gpu = options.device == "cuda"
