@@ -28,6 +28,7 @@ BENCHMARK_ORDER = [
     "train_throughput.md",
     "kernels.md",
     "fused_linear_memory.md",
+    "kernels_aot.md",
     "preprocess_throughput.md",
     "blend_index.md",
     "topics.md",

@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_syne.kernels import benchmarking as B  # noqa: E402
+from megatron_syne.kernels import cross_entropy as syne_ce  # noqa: E402
 from megatron_syne.kernels._dispatch import resolve_backend  # noqa: E402
 from megatron_syne.kernels.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from megatron_syne.kernels.fused_linear_cross_entropy import (  # noqa: E402
@@ -62,6 +63,12 @@ def _loss_impls(device: torch.device):
         "syne-inplace": lambda x, t: vocab_parallel_cross_entropy(
             x, t, reduction="mean", inplace_backward=True
         ),
+        # The default launch (BLOCK 32768, 32 warps) caps registers at 64 a thread and the
+        # compiler keeps 40-104 bytes a thread on the stack (kernels/aot_report.py, sm_90);
+        # BLOCK 16384 with 32 warps compiles without any. Timed here to pick the default.
+        "syne-block16k": _with_launch(
+            16384, 32, lambda x, t: vocab_parallel_cross_entropy(x, t, reduction="mean")
+        ),
     }
     try:
         from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
@@ -82,6 +89,24 @@ def _loss_impls(device: torch.device):
     except Exception as exc:
         impls["liger"] = f"liger-kernel unavailable ({type(exc).__name__})"
     return impls
+
+
+def _with_launch(max_block: int, num_warps: int, fn):
+    """``fn`` with the Triton kernels launched on blocks of at most ``max_block`` columns and
+    ``num_warps`` warps (the gradient is written in the forward, so only the forward needs it)."""
+
+    def launch_config(n_cols: int) -> tuple[int, int]:
+        return min(max_block, 1 << max(0, n_cols - 1).bit_length()), num_warps
+
+    def run(x, t):
+        saved = syne_ce._block_and_warps
+        syne_ce._block_and_warps = launch_config
+        try:
+            return fn(x, t)
+        finally:
+            syne_ce._block_and_warps = saved
+
+    return run
 
 
 def bench_loss(args, device, dtype) -> str:
