@@ -85,6 +85,54 @@ if HAS_TRITON:
         return running_max, sumexp, target_logit, logit_sum
 
     @triton.jit
+    def _store_row_statistics(
+        row,
+        max_ptr,
+        sumexp_ptr,
+        target_logit_ptr,
+        logit_sum_ptr,
+        running_max,
+        sumexp,
+        target_logit,
+        logit_sum,
+        HAS_LOGIT_SUM: tl.constexpr,
+    ):
+        tl.store(max_ptr + row, running_max)
+        tl.store(sumexp_ptr + row, sumexp)
+        tl.store(target_logit_ptr + row, target_logit)
+        if HAS_LOGIT_SUM:
+            tl.store(logit_sum_ptr + row, logit_sum)
+
+    @triton.jit
+    def _write_row_gradient(
+        x_row,
+        grad_row,
+        grad_ptr,
+        target,
+        lse,
+        coef_p_ptr,
+        coef_target_ptr,
+        coef_const_ptr,
+        row,
+        n_cols,
+        BLOCK: tl.constexpr,
+    ):
+        """grad[j] = a * softmax[j] + e + b * [j == target] over one row, softmax from ``lse``.
+
+        ``grad_row`` may equal ``x_row``: every element is read before it is overwritten.
+        """
+        coef_p = tl.load(coef_p_ptr + row)
+        coef_target = tl.load(coef_target_ptr + row)
+        coef_const = tl.load(coef_const_ptr + row)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            in_row = offs < n_cols
+            x = tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
+            grad = coef_p * tl.exp(x - lse) + coef_const
+            grad = tl.where(offs == target, grad + coef_target, grad)
+            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+    @triton.jit
     def _ce_stats_kernel(
         x_ptr,
         x_row_stride,
@@ -104,11 +152,18 @@ if HAS_TRITON:
         running_max, sumexp, target_logit, logit_sum = _row_statistics(
             x_row, target, n_cols, HAS_LOGIT_SUM, BLOCK
         )
-        tl.store(max_ptr + row, running_max)
-        tl.store(sumexp_ptr + row, sumexp)
-        tl.store(target_logit_ptr + row, target_logit)
-        if HAS_LOGIT_SUM:
-            tl.store(logit_sum_ptr + row, logit_sum)
+        _store_row_statistics(
+            row,
+            max_ptr,
+            sumexp_ptr,
+            target_logit_ptr,
+            logit_sum_ptr,
+            running_max,
+            sumexp,
+            target_logit,
+            logit_sum,
+            HAS_LOGIT_SUM,
+        )
 
     @triton.jit
     def _ce_grad_kernel(
@@ -134,16 +189,19 @@ if HAS_TRITON:
         grad_row = grad_ptr + row * grad_row_stride
         target = tl.load(target_ptr + row)
         lse = tl.load(lse_ptr + row)
-        coef_p = tl.load(coef_p_ptr + row)
-        coef_target = tl.load(coef_target_ptr + row)
-        coef_const = tl.load(coef_const_ptr + row)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            in_row = offs < n_cols
-            x = tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
-            grad = coef_p * tl.exp(x - lse) + coef_const
-            grad = tl.where(offs == target, grad + coef_target, grad)
-            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        _write_row_gradient(
+            x_row,
+            grad_row,
+            grad_ptr,
+            target,
+            lse,
+            coef_p_ptr,
+            coef_target_ptr,
+            coef_const_ptr,
+            row,
+            n_cols,
+            BLOCK,
+        )
 
     @triton.jit
     def _ce_fused_kernel(
@@ -171,23 +229,33 @@ if HAS_TRITON:
         running_max, sumexp, target_logit, logit_sum = _row_statistics(
             x_row, target, n_cols, HAS_LOGIT_SUM, BLOCK
         )
-        tl.store(max_ptr + row, running_max)
-        tl.store(sumexp_ptr + row, sumexp)
-        tl.store(target_logit_ptr + row, target_logit)
-        if HAS_LOGIT_SUM:
-            tl.store(logit_sum_ptr + row, logit_sum)
+        _store_row_statistics(
+            row,
+            max_ptr,
+            sumexp_ptr,
+            target_logit_ptr,
+            logit_sum_ptr,
+            running_max,
+            sumexp,
+            target_logit,
+            logit_sum,
+            HAS_LOGIT_SUM,
+        )
 
         lse = running_max + tl.log(sumexp)
-        coef_p = tl.load(coef_p_ptr + row)
-        coef_target = tl.load(coef_target_ptr + row)
-        coef_const = tl.load(coef_const_ptr + row)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            in_row = offs < n_cols
-            x = tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
-            grad = coef_p * tl.exp(x - lse) + coef_const
-            grad = tl.where(offs == target, grad + coef_target, grad)
-            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        _write_row_gradient(
+            x_row,
+            grad_row,
+            grad_ptr,
+            target,
+            lse,
+            coef_p_ptr,
+            coef_target_ptr,
+            coef_const_ptr,
+            row,
+            n_cols,
+            BLOCK,
+        )
 
 
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
