@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="write the tables here")
     args = parser.parse_args(argv)
     if not aot.aot_available():
-        print("triton's CUDA backend (ptxas) is not installed: nothing to compile", file=sys.stderr)
+        print(
+            "nothing to compile: triton's CUDA backend (ptxas) is not installed, or "
+            "TRITON_INTERPRET=1 is set",
+            file=sys.stderr,
+        )
         return 1
     import platform
 

@@ -75,8 +75,14 @@ def _nvidia_tool(name: str) -> Path | None:
 
 
 def aot_available() -> bool:
-    """True when Triton and its CUDA backend's ``ptxas`` are installed."""
-    return HAS_TRITON and _nvidia_tool("ptxas") is not None
+    """True when Triton and its CUDA backend's ``ptxas`` are installed and the kernels were
+    decorated for compilation (with ``TRITON_INTERPRET=1`` set at import they are interpreter
+    functions, which cannot be lowered)."""
+    if not HAS_TRITON or _nvidia_tool("ptxas") is None:
+        return False
+    from megatron_syne.kernels import cross_entropy
+
+    return all(hasattr(getattr(cross_entropy, v.name), "cache_key") for v in VARIANTS)
 
 
 def _signature(fn, dtype: str) -> dict[str, str]:
@@ -118,8 +124,9 @@ def compile_variant(
     """Compile one kernel for ``sm_<arch>`` with the block and warps launched for ``n_cols``."""
     if not aot_available():
         raise AotUnavailable(
-            "ahead-of-time compilation needs triton with its CUDA backend (ptxas); "
-            "install the triton wheel pinned in requirements.txt"
+            "ahead-of-time compilation needs triton with its CUDA backend (ptxas), and the "
+            "kernels imported without TRITON_INTERPRET=1; install the triton wheel pinned in "
+            "requirements.txt and unset TRITON_INTERPRET"
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
