@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import hashlib
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from megatron_syne.synth.prompts import (
     item_key,
 )
 from megatron_syne.synth.sandbox import SandboxConfig, run_tests
-from megatron_syne.synth.science_qa import BadLine
+from megatron_syne.synth.science_qa import BadLine, iter_json_lines
 
 
 @dataclass
@@ -89,35 +88,27 @@ def _validate_problem(record: Any) -> str | None:
 
 def read_problems(path: str | os.PathLike) -> tuple[list[dict], list[BadLine]]:
     """All valid problems of a JSONL file (with ``id`` filled in) and the bad lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--problems {path} does not exist")
     problems, bad = [], []
     seen_ids: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(raw)
-            except ValueError as err:
-                bad.append(BadLine(where, f"not valid JSON ({err})", raw[:500]))
-                continue
-            reason = _validate_problem(record)
-            if reason:
-                bad.append(BadLine(where, reason, raw[:500]))
-                continue
-            if not record.get("id"):
-                digest = hashlib.sha1(f"{record['title']}\x00{record['description']}".encode())
-                record["id"] = "sha1:" + digest.hexdigest()
-            record["id"] = str(record["id"])
-            if record["id"] in seen_ids:
-                reason = f"duplicate problem id {record['id']!r} (first on line {seen_ids[record['id']]})"
-                bad.append(BadLine(where, reason, raw[:500]))
-                continue
-            seen_ids[record["id"]] = line_no
-            problems.append(record)
+    for line in iter_json_lines(Path(path), "--problems"):
+        if isinstance(line, BadLine):
+            bad.append(line)
+            continue
+        record = line.record
+        reason = _validate_problem(record)
+        if reason:
+            bad.append(line.bad(reason))
+            continue
+        if not record.get("id"):
+            digest = hashlib.sha1(f"{record['title']}\x00{record['description']}".encode())
+            record["id"] = "sha1:" + digest.hexdigest()
+        record["id"] = str(record["id"])
+        if record["id"] in seen_ids:
+            first = seen_ids[record["id"]]
+            bad.append(line.bad(f"duplicate problem id {record['id']!r} (first on line {first})"))
+            continue
+        seen_ids[record["id"]] = line.line_no
+        problems.append(record)
     return problems, bad
 
 

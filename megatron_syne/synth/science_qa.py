@@ -46,6 +46,35 @@ class BadLine:
 
 
 @dataclass
+class JsonLine:
+    line_no: int
+    where: str  # "file:line"
+    raw: str
+    record: Any  # the parsed JSON value (not necessarily an object)
+
+    def bad(self, reason: str) -> BadLine:
+        return BadLine(self.where, reason, self.raw[:500])
+
+
+def iter_json_lines(path: Path, flag: str) -> Iterator[JsonLine | BadLine]:
+    """The non-blank lines of a JSONL input in order, parsed; a line that is not JSON comes out
+    as a :class:`BadLine`. ``flag`` names the option in the missing-file error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(raw)
+            except ValueError as err:
+                yield BadLine(where, f"not valid JSON ({err})", raw[:500])
+                continue
+            yield JsonLine(line_no, where, raw, record)
+
+
+@dataclass
 class ScienceConfig:
     """Science QA settings. ``max_seed_chars`` cuts long pages (characters, not tokens) so the
     prompt fits the generator's context; ``samples_per_seed`` items are made per page."""
@@ -69,56 +98,40 @@ def read_seeds(
     path: str | os.PathLike, classifier: KeywordDisciplineClassifier, config: ScienceConfig
 ) -> Iterator[Seed | BadLine]:
     """Seeds of a JSONL file in file order; unusable lines come out as :class:`BadLine`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--seeds {path} does not exist")
     seen_ids: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
+    for line in iter_json_lines(Path(path), "--seeds"):
+        if isinstance(line, BadLine):
+            yield line
+            continue
+        record = line.record
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            yield line.bad("no string field 'text'")
+            continue
+        text = record["text"].strip()
+        if len(text) < config.min_seed_chars:
+            yield line.bad(f"text has {len(text)} chars < --min-seed-chars {config.min_seed_chars}")
+            continue
+        text = text[: config.max_seed_chars]
+        seed_id = str(record.get("id") or "sha1:" + hashlib.sha1(text.encode()).hexdigest())
+        if seed_id in seen_ids:
+            # Same id -> same item keys: the copy would be skipped as "done" unnoticed.
+            yield line.bad(f"duplicate seed id {seed_id!r} (first on line {seen_ids[seed_id]})")
+            continue
+        seen_ids[seed_id] = line.line_no
+        lang = record.get("lang") or detect_lang(text)
+        if lang not in ("zh", "en"):
+            yield line.bad(f"lang {lang!r} is neither 'zh' nor 'en'")
+            continue
+        if record.get("discipline"):
             try:
-                record = json.loads(raw)
+                discipline = normalize_discipline(str(record["discipline"]))
             except ValueError as err:
-                yield BadLine(where, f"not valid JSON ({err})", raw[:500])
+                yield line.bad(str(err))
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                yield BadLine(where, "no string field 'text'", raw[:500])
-                continue
-            text = record["text"].strip()
-            if len(text) < config.min_seed_chars:
-                yield BadLine(
-                    where,
-                    f"text has {len(text)} chars < --min-seed-chars {config.min_seed_chars}",
-                    raw[:500],
-                )
-                continue
-            text = text[: config.max_seed_chars]
-            seed_id = str(record.get("id") or "sha1:" + hashlib.sha1(text.encode()).hexdigest())
-            if seed_id in seen_ids:
-                # Same id -> same item keys: the copy would be skipped as "done" unnoticed.
-                yield BadLine(
-                    where,
-                    f"duplicate seed id {seed_id!r} (first on line {seen_ids[seed_id]})",
-                    raw[:500],
-                )
-                continue
-            seen_ids[seed_id] = line_no
-            lang = record.get("lang") or detect_lang(text)
-            if lang not in ("zh", "en"):
-                yield BadLine(where, f"lang {lang!r} is neither 'zh' nor 'en'", raw[:500])
-                continue
-            if record.get("discipline"):
-                try:
-                    discipline = normalize_discipline(str(record["discipline"]))
-                except ValueError as err:
-                    yield BadLine(where, str(err), raw[:500])
-                    continue
-                source = "seed"
-            else:
-                discipline, source = classifier.classify(text), "classifier"
-            yield Seed(seed_id, text, discipline, source, lang)
+            source = "seed"
+        else:
+            discipline, source = classifier.classify(text), "classifier"
+        yield Seed(seed_id, text, discipline, source, lang)
 
 
 def science_items(
