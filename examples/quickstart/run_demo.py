@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from megatron_syne.utils.io import atomic_open, atomic_path  # noqa: E402
+from megatron_syne.utils.io import atomic_open, save_png  # noqa: E402
 
 # A tiny Llama-3 (real 128256-token vocabulary, GQA, RoPE 500000): small enough for 2 CPU cores.
 MODEL_FLAGS = [
@@ -178,9 +178,7 @@ def _plot_losses(runs: dict[str, Path], png: Path) -> dict[str, tuple[float, flo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, png)
     return summary
 
 

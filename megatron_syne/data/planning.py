@@ -15,7 +15,7 @@ import numpy as np
 
 from megatron_syne.data.blending import build_phased_blending_indices
 from megatron_syne.data.schedule import MixturePlan
-from megatron_syne.utils.io import atomic_path
+from megatron_syne.utils.io import save_png
 
 
 @dataclass
@@ -225,11 +225,7 @@ def plot_plan(
         ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[-1, 0].set_xlabel("iteration" + (" (dashed: actual, from TensorBoard)" if actual else ""))
     fig.tight_layout()
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return output
+    return save_png(fig, output, dpi=110)
 
 
 def read_mixer_history(path: str | os.PathLike) -> list[dict]:
@@ -274,8 +270,4 @@ def plot_mixer_history(history: list[dict], output: str | os.PathLike) -> Path:
     bottom.set_xlabel("consumed tokens")
     top.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return output
+    return save_png(fig, output, dpi=110)

@@ -80,7 +80,7 @@ def plot_lengths(table: pa.Table, column: str, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_syne.utils.io import atomic_path
+    from megatron_syne.utils.io import save_png
 
     values = pc.fill_null(table.column(column).cast(pa.string()), "-").to_numpy(
         zero_copy_only=False
@@ -97,6 +97,4 @@ def plot_lengths(table: pa.Table, column: str, path: str | os.PathLike) -> None:
     ax.set_title(f"document lengths by {column}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

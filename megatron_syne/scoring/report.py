@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_syne.data.metadata import read_metadata
-from megatron_syne.utils.io import atomic_open, atomic_path
+from megatron_syne.utils.io import atomic_open, save_png
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 CCNET_PERCENTILES = (30, 60)
@@ -157,6 +157,4 @@ def plot_histograms(groups: list[GroupStats], path: Path, group_by) -> None:
         ax.axis("off")
     fig.suptitle(f"document PPL per {'/'.join(group_by)}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -33,6 +32,7 @@ from megatron_syne.synth.filters import (
 )
 from megatron_syne.synth.store import JsonlStore
 from megatron_syne.synth.text import detect_lang
+from megatron_syne.utils.io import atomic_open, save_png
 
 
 class Reject(Exception):
@@ -287,10 +287,8 @@ class GenerationRun:
     def write_summary(self) -> dict[str, Any]:
         summary = self.summary()
         stem = str(self.config.out)[: -len(".jsonl")]
-        tmp = f"{stem}.summary.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(f"{stem}.summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, f"{stem}.summary.json")
         _plot_summary(summary, Path(f"{stem}.summary.png"))
         return summary
 
@@ -315,10 +313,7 @@ def _plot_summary(summary: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("items (this run)")
     ax.set_title(f"{summary['task']}: {summary['output']}")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=100)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

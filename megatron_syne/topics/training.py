@@ -24,7 +24,7 @@ from megatron_syne.topics.classifier import (
     train_ngram_model,
 )
 from megatron_syne.topics.taxonomy import Taxonomy, check_labels
-from megatron_syne.utils.io import atomic_open, atomic_path
+from megatron_syne.utils.io import atomic_open, save_png
 
 
 @dataclass
@@ -139,9 +139,7 @@ def plot_confusion_matrix(metrics: dict, path: str | os.PathLike, title: str) ->
     fig.colorbar(image, ax=ax, label="fraction of the true topic")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 @dataclass

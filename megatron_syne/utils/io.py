@@ -53,3 +53,17 @@ def atomic_open(final_path: str | os.PathLike, mode: str = "w", **kwargs) -> Ite
     """``open()`` that writes to a temporary file renamed into place only on success."""
     with atomic_path(final_path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int | None = None) -> Path:
+    """Write a matplotlib figure as a PNG under a temporary name, rename it into place, and
+    close the figure. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
