@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import json.scanner
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -49,7 +50,7 @@ class ValidationConfig:
             raise ValueError(f"keys {sorted(clash)} are both --json-keys and --metadata-keys")
 
 
-@dataclass
+@dataclass(slots=True)
 class Document:
     line: int
     texts: tuple[str, ...]  # one per json key
@@ -76,15 +77,35 @@ def reject_record(
     return record
 
 
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner json.loads runs
+_EMPTY_TEXT_HASH = text_hash("")
+
+
 class Validator:
-    """Turns a parsed record into a Document or a reject record (see :class:`RejectReason`)."""
+    """Turns a parsed record into a Document or a reject record (see :class:`RejectReason`).
+
+    Each entry point tries a fast path first that accepts only records passing every check
+    (one JSON scan, one hash that also detects blank text); anything else goes through the
+    full checks, which decide the reject reason. Both accept exactly the same records.
+    """
 
     def __init__(self, config: ValidationConfig, file: str) -> None:
         self.config = config
         self.file = file
         self.defaults = dict(config.metadata_defaults)
+        self._metadata = [(key, self.defaults.get(key)) for key in config.metadata_keys]
 
     def from_line(self, number: int, raw: bytes) -> Document | dict:
+        try:
+            text = raw.decode("utf-8")
+            record, end = _scan_json(text, 0)
+        except (UnicodeDecodeError, ValueError, StopIteration):
+            return self._from_line_checked(number, raw)
+        if end != len(text) or type(record) is not dict or "\x00" in text:
+            return self._from_line_checked(number, raw)
+        return self.from_record(number, record, text)
+
+    def _from_line_checked(self, number: int, raw: bytes) -> Document | dict:
         if not raw.strip():
             return reject_record(self.file, number, RejectReason.BLANK_LINE, "blank line", raw)
         if b"\x00" in raw:
@@ -110,6 +131,31 @@ class Validator:
         return self.from_record(number, record, text)
 
     def from_record(self, number: int, record: dict, raw: str | None = None) -> Document | dict:
+        texts, hashes = [], []
+        max_chars = self.config.max_chars
+        for key in self.config.json_keys:
+            value = record.get(key)
+            if type(value) is not str or len(value) > max_chars or "\x00" in value:
+                return self._from_record_checked(number, record, raw)
+            try:
+                digest = text_hash(value)
+            except UnicodeEncodeError:
+                return self._from_record_checked(number, record, raw)
+            if digest == _EMPTY_TEXT_HASH:  # empty or whitespace only
+                return self._from_record_checked(number, record, raw)
+            texts.append(value)
+            hashes.append(digest)
+        metadata = {}
+        for key, default in self._metadata:
+            value = record.get(key)
+            if value is None:
+                value = default
+            metadata[key] = value if value is None or type(value) is str else str(value)
+        return Document(number, tuple(texts), tuple(hashes), metadata)
+
+    def _from_record_checked(
+        self, number: int, record: dict, raw: str | None = None
+    ) -> Document | dict:
         texts, hashes = [], []
         for key in self.config.json_keys:
             value = record.get(key)

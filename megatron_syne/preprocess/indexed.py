@@ -9,6 +9,8 @@ importing torch in every preprocessing worker); tests check the bytes against me
 
 from __future__ import annotations
 
+import array
+import contextlib
 import itertools
 import os
 import struct
@@ -44,6 +46,19 @@ DTYPE_CODES: dict[type, int] = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 COPY_CHUNK_BYTES = 16 << 20
 METADATA_ROW_GROUP_ROWS = 1 << 16
+# array module typecodes of the token dtypes (native byte order, as numpy's tofile writes).
+_ARRAY_TYPECODES = {
+    np.dtype(dtype): code
+    for dtype, code in (
+        (np.uint8, "B"),
+        (np.int8, "b"),
+        (np.uint16, "H"),
+        (np.int16, "h"),
+        (np.int32, "i"),
+        (np.int64, "q"),
+    )
+    if array.array(code).itemsize == np.dtype(dtype).itemsize
+}
 
 
 class IndexedDataError(ValueError):
@@ -154,19 +169,59 @@ def write_index(
 
 
 class TokenBinWriter:
-    """Appends documents (token id lists) to a ``.bin``; remembers their lengths for the index."""
+    """Appends documents (token ids) to a ``.bin``; remembers their lengths for the index."""
 
     def __init__(self, path: str | os.PathLike, dtype: type) -> None:
         self.dtype = dtype
         self._file = open(path, "wb")  # noqa: SIM115 -- closed in close()
         self._lengths: list[np.ndarray] = []
 
-    def add_documents(self, documents: Sequence[Sequence[int]]) -> None:
-        lengths = np.fromiter((len(d) for d in documents), dtype=np.int32, count=len(documents))
-        total = int(lengths.sum(dtype=np.int64))
-        flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=self.dtype, count=total)
-        flat.tofile(self._file)
+    def add_documents(
+        self,
+        documents: Sequence[Sequence[int] | np.ndarray],
+        bos: int | None = None,
+        eod: int | None = None,
+    ) -> np.ndarray:
+        """Append documents, each stored as ``[bos] + ids + [eod]`` (``bos``/``eod`` when not
+        None). ``documents`` are integer numpy arrays (one copy, no Python int per token) or
+        lists of ints. Ids must fit the dtype (the tokenizer's vocabulary chose it). Returns
+        the stored lengths."""
+        lengths = np.fromiter(map(len, documents), dtype=np.int32, count=len(documents))
+        lengths += (bos is not None) + (eod is not None)
+        head = None if bos is None else np.array([bos], dtype=self.dtype)
+        tail = None if eod is None else np.array([eod], dtype=self.dtype)
+        if documents and all(isinstance(d, np.ndarray) for d in documents):
+            pieces = []
+            for ids in documents:
+                if head is not None:
+                    pieces.append(head)
+                pieces.append(ids)
+                if tail is not None:
+                    pieces.append(tail)
+            np.concatenate(pieces, dtype=self.dtype, casting="unsafe").tofile(self._file)
+        elif (code := _ARRAY_TYPECODES.get(np.dtype(self.dtype))) is not None:
+            # array.fromlist converts in C (faster than np.fromiter over a chained iterator);
+            # an id out of the dtype's range raises OverflowError.
+            flat = array.array(code)
+            for ids in documents:
+                if bos is not None:
+                    flat.append(bos)
+                if type(ids) is list:
+                    flat.fromlist(ids)
+                else:
+                    flat.extend(ids)
+                if eod is not None:
+                    flat.append(eod)
+            self._file.write(flat)
+        else:
+            framed = itertools.chain.from_iterable(
+                itertools.chain(() if bos is None else (bos,), ids, () if eod is None else (eod,))
+                for ids in documents
+            )
+            total = int(lengths.sum(dtype=np.int64))
+            np.fromiter(framed, dtype=self.dtype, count=total).tofile(self._file)
         self._lengths.append(lengths)
+        return lengths
 
     @property
     def lengths(self) -> np.ndarray:
@@ -206,6 +261,8 @@ def merge_indexed(
     """
     inputs = [str(p) for p in inputs]
     keep = list(keep) if keep is not None else [None] * len(inputs)
+    if len(keep) != len(inputs):
+        raise ValueError(f"{len(keep)} keep masks for {len(inputs)} inputs")
     indices = [read_index(p) for p in inputs]
     dtypes = {ix.dtype for ix in indices}
     if len(dtypes) > 1:
@@ -213,34 +270,147 @@ def merge_indexed(
             f"cannot merge datasets with different token dtypes {sorted(map(str, dtypes))}: "
             "they were tokenized with different vocabularies; re-preprocess with one tokenizer"
         )
-    dtype = dtypes.pop() if dtypes else np.int32
     for prefix, ix, mask in zip(inputs, indices, keep):
-        if not ix.one_sequence_per_document:
-            raise IndexedDataError(
-                f"{prefix}: has documents made of several sequences (--split-sentences data); "
-                "merge it with megatron-core's IndexedDatasetBuilder.add_index instead"
+        _check_mergeable(prefix, ix, mask)
+    schema = None
+    if metadata:
+        paths = [metadata_path(p) for p in inputs]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise MetadataError(
+                f"metadata sidecar missing for {', '.join(missing)}; every merged dataset needs "
+                f"its {METADATA_SUFFIX} (re-preprocess it, or merge with --no-metadata)"
             )
-        if mask is not None and len(mask) != ix.num_documents:
-            raise IndexedDataError(f"{prefix}: keep mask has {len(mask)} entries")
+        schema = pa.unify_schemas([pq.read_schema(p) for p in paths], promote_options="permissive")
+    with IndexedMerger(output_prefix, dtypes.pop() if dtypes else np.int32, schema) as merger:
+        for prefix, mask in zip(inputs, keep):
+            merger.add(prefix, mask)
+        return merger.finish()
 
-    def kept_lengths(i: int) -> np.ndarray:
-        lengths = indices[i].sequence_lengths
-        return lengths if keep[i] is None else lengths[keep[i]]
 
-    def pieces() -> Iterator[np.ndarray]:
-        for i in range(len(inputs)):
-            yield kept_lengths(i)
+def _check_mergeable(prefix: str, ix: IndexArrays, mask: np.ndarray | None) -> None:
+    if not ix.one_sequence_per_document:
+        raise IndexedDataError(
+            f"{prefix}: has documents made of several sequences (--split-sentences data); "
+            "merge it with megatron-core's IndexedDatasetBuilder.add_index instead"
+        )
+    if mask is not None and len(mask) != ix.num_documents:
+        raise IndexedDataError(f"{prefix}: keep mask has {len(mask)} entries")
 
-    out_bin, out_idx = bin_path(output_prefix), idx_path(output_prefix)
-    dropped = sum(int((~m).sum()) for m in keep if m is not None)
-    with atomic_path(out_bin) as tmp_bin, atomic_path(out_idx) as tmp_idx:
-        with open(tmp_bin, "wb") as out:
-            for prefix, ix, mask in zip(inputs, indices, keep):
-                _copy_documents(bin_path(prefix), out, ix, mask)
-        documents, tokens = write_index(tmp_idx, dtype, pieces)
-        if metadata:
-            _merge_metadata(inputs, output_prefix, keep, [ix.num_documents for ix in indices])
-    return MergeResult(documents, tokens, dropped)
+
+class IndexedMerger:
+    """Streaming concatenation of indexed datasets: :meth:`add` them in order (each is copied
+    as it comes, so a producer can merge finished parts while later ones are still being
+    written), then :meth:`finish`. Used as a context manager: outputs live under temporary
+    names and are renamed only when the block ends after :meth:`finish`; on an error (or
+    without :meth:`finish`) they are removed.
+
+    ``schema`` is the metadata sidecar's schema (inputs' sidecars are cast to it); None merges
+    no metadata. The output's bytes depend only on the documents added, in order, never on how
+    they were split into inputs.
+    """
+
+    def __init__(
+        self, output_prefix: str | os.PathLike, dtype: type, schema: pa.Schema | None
+    ) -> None:
+        self.output_prefix = output_prefix
+        self.dtype = dtype
+        self.schema = schema
+        self._inputs: list[tuple[str, np.ndarray | None]] = []
+        self._buffered: list[pa.Table] = []
+        self._finished = False
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> IndexedMerger:
+        with self._stack as stack:
+            self._tmp_bin = stack.enter_context(atomic_path(bin_path(self.output_prefix)))
+            self._tmp_idx = stack.enter_context(atomic_path(idx_path(self.output_prefix)))
+            self._bin = stack.enter_context(open(self._tmp_bin, "wb"))
+            self._writer = None
+            if self.schema is not None:
+                tmp_meta = stack.enter_context(atomic_path(metadata_path(self.output_prefix)))
+                self._writer = stack.enter_context(
+                    pq.ParquetWriter(tmp_meta, self.schema, compression="zstd")
+                )
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and not self._finished:
+            error = RuntimeError("IndexedMerger left without finish(): outputs discarded")
+            self._stack.__exit__(RuntimeError, error, None)  # removes the temporaries
+            raise error
+        return self._stack.__exit__(exc_type, exc, tb)
+
+    def add(self, prefix: str | os.PathLike, keep: np.ndarray | None = None) -> None:
+        """Append dataset ``prefix`` (only the documents where ``keep`` is True, if given)."""
+        prefix = str(prefix)
+        ix = read_index(prefix)
+        if ix.dtype != self.dtype:
+            raise IndexedDataError(
+                f"{prefix}: token dtype {np.dtype(ix.dtype)} differs from "
+                f"{np.dtype(self.dtype)}: tokenized with another vocabulary; re-preprocess"
+            )
+        _check_mergeable(prefix, ix, keep)
+        _copy_documents(bin_path(prefix), self._bin, ix, keep)
+        if self._writer is not None:
+            self._add_metadata(prefix, keep, ix.num_documents)
+        self._inputs.append((prefix, keep))
+
+    def _add_metadata(self, prefix: str, mask: np.ndarray | None, count: int) -> None:
+        path = metadata_path(prefix)
+        if not path.is_file():
+            raise MetadataError(
+                f"metadata sidecar missing for {path}; every merged dataset needs its "
+                f"{METADATA_SUFFIX} (re-preprocess it, or merge with --no-metadata)"
+            )
+        schema = self.schema
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows != count:
+            raise MetadataError(
+                f"{path}: {parquet.metadata.num_rows} rows for {count} documents; re-preprocess"
+            )
+        offset = 0
+        # Streamed in batches: memory is one batch plus one pending row group.
+        for batch in parquet.iter_batches(batch_size=METADATA_ROW_GROUP_ROWS):
+            table = pa.Table.from_batches([batch])
+            if mask is not None:
+                table = table.filter(pa.array(mask[offset : offset + batch.num_rows]))
+            offset += batch.num_rows
+            for name in schema.names:
+                if name not in table.column_names:
+                    table = table.append_column(
+                        name, pa.nulls(table.num_rows, schema.field(name).type)
+                    )
+            self._buffered.append(table.select(schema.names).cast(schema))
+            # Fixed-size row groups: the file's bytes do not depend on how documents were
+            # split into inputs (work units), only on the rows themselves.
+            if sum(t.num_rows for t in self._buffered) >= METADATA_ROW_GROUP_ROWS:
+                combined = pa.concat_tables(self._buffered)
+                full = combined.num_rows - combined.num_rows % METADATA_ROW_GROUP_ROWS
+                for start in range(0, full, METADATA_ROW_GROUP_ROWS):
+                    self._writer.write_table(combined.slice(start, METADATA_ROW_GROUP_ROWS))
+                self._buffered = [combined.slice(full)]
+
+    def finish(self) -> MergeResult:
+        """Write the index and the last metadata rows; the files are renamed when the ``with``
+        block ends."""
+        self._bin.close()
+        if self._writer is not None:
+            rest = pa.concat_tables(self._buffered) if self._buffered else self.schema.empty_table()
+            if rest.num_rows or not self._buffered:
+                self._writer.write_table(rest)
+            self._writer.close()
+
+        def pieces() -> Iterator[np.ndarray]:
+            for prefix, mask in self._inputs:
+                lengths = read_index(prefix).sequence_lengths
+                yield lengths if mask is None else lengths[mask]
+
+        documents, tokens = write_index(self._tmp_idx, self.dtype, pieces)
+        dropped = sum(int((~m).sum()) for _, m in self._inputs if m is not None)
+        self._finished = True
+        return MergeResult(documents, tokens, dropped)
 
 
 def _copy_documents(source: Path, out, ix: IndexArrays, mask: np.ndarray | None) -> None:
@@ -265,54 +435,6 @@ def _copy_documents(source: Path, out, ix: IndexArrays, mask: np.ndarray | None)
                     raise IndexedDataError(f"{source}: shorter than its .idx says; re-preprocess")
                 out.write(chunk)
                 todo -= len(chunk)
-
-
-def _merge_metadata(
-    inputs: list[str], output_prefix, keep: list[np.ndarray | None], counts: list[int]
-) -> None:
-    paths = [metadata_path(p) for p in inputs]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise MetadataError(
-            f"metadata sidecar missing for {', '.join(missing)}; every merged dataset needs its "
-            f"{METADATA_SUFFIX} (re-preprocess it, or merge with --no-metadata)"
-        )
-    schemas = [pq.read_schema(p) for p in paths]
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    buffered: list[pa.Table] = []
-    with atomic_path(metadata_path(output_prefix)) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for path, mask, count in zip(paths, keep, counts):
-                parquet = pq.ParquetFile(path)
-                if parquet.metadata.num_rows != count:
-                    raise MetadataError(
-                        f"{path}: {parquet.metadata.num_rows} rows for {count} documents; "
-                        "re-preprocess"
-                    )
-                offset = 0
-                # Streamed in batches: memory is one batch plus one pending row group.
-                for batch in parquet.iter_batches(batch_size=METADATA_ROW_GROUP_ROWS):
-                    table = pa.Table.from_batches([batch])
-                    if mask is not None:
-                        table = table.filter(pa.array(mask[offset : offset + batch.num_rows]))
-                    offset += batch.num_rows
-                    for name in schema.names:
-                        if name not in table.column_names:
-                            table = table.append_column(
-                                name, pa.nulls(table.num_rows, schema.field(name).type)
-                            )
-                    buffered.append(table.select(schema.names).cast(schema))
-                    # Fixed-size row groups: the file's bytes do not depend on how documents
-                    # were split into inputs (work units), only on the rows themselves.
-                    if sum(t.num_rows for t in buffered) >= METADATA_ROW_GROUP_ROWS:
-                        combined = pa.concat_tables(buffered)
-                        full = combined.num_rows - combined.num_rows % METADATA_ROW_GROUP_ROWS
-                        for start in range(0, full, METADATA_ROW_GROUP_ROWS):
-                            writer.write_table(combined.slice(start, METADATA_ROW_GROUP_ROWS))
-                        buffered = [combined.slice(full)]
-            rest = pa.concat_tables(buffered) if buffered else schema.empty_table()
-            if rest.num_rows or not buffered:
-                writer.write_table(rest)
 
 
 def first_occurrences(hash_tables: Sequence[pa.Table]) -> tuple[list[np.ndarray], np.ndarray]:

@@ -4,12 +4,15 @@ How a run is laid out (see docs/readme/preprocessing.md):
 
 1. Inputs (files, globs, directories) are listed in sorted order; with ``num_shards > 1`` this
    process keeps its slice of the files (a Slurm array task = one shard).
-2. Files are cut into work units (readers.plan_units). Each worker process reads its units
-   straight from disk, validates records, tokenizes them in batches with the tokenizer's native
-   ``encode_batch`` and writes the unit as a small indexed dataset with its own metadata and
-   rejects under ``<prefix>.parts/`` (temporary names, renamed, then a ``.done.json`` manifest).
-3. When every unit is done, the units are concatenated in unit order (optionally dropping exact
-   duplicates) into the final files, written under temporary names and renamed.
+2. Files are cut into work units (readers.plan_units). Each worker process (forked once the
+   tokenizer is loaded) reads its units straight from disk, validates records, tokenizes them
+   in batches (tiktoken returns numpy arrays: no Python int per token) and writes the unit as a
+   small indexed dataset with its own metadata and rejects under ``<prefix>.parts/`` (temporary
+   names, renamed, then a ``.done.json`` manifest).
+3. The units are concatenated in unit order into the final files (temporary names, renamed at
+   the end). Without ``--dedup`` this happens while the workers run: a unit is appended as soon
+   as it and every unit before it are done. With ``--dedup exact`` it waits for every unit's
+   hashes, then drops exact duplicates while concatenating.
 
 A run killed at any moment and restarted with the same arguments reuses the finished units
 (their manifests carry a fingerprint of every setting and input that determines their bytes) and
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -29,6 +33,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +50,7 @@ from megatron_syne.preprocess.documents import (
     reject_record,
 )
 from megatron_syne.preprocess.indexed import (
+    IndexedMerger,
     TokenBinWriter,
     bin_path,
     idx_path,
@@ -251,7 +257,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(counters, single_threaded: bool) -> None:
-    if single_threaded:
+    if single_threaded:  # a forked pool worker
+        # Everything inherited from the parent (modules, the tokenizer's tables) moves to the
+        # permanent generation: the worker's garbage collections no longer walk it (nor
+        # write to its pages, which would copy them).
+        gc.freeze()
         # One process per core already: native thread pools would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["RAYON_NUM_THREADS"] = "1"
@@ -345,25 +355,27 @@ def process_unit(task: UnitTask) -> UnitStats:
         )
         pending: list[Document] = []
 
+        encode_arrays = getattr(tokenizer, "encode_batch_numpy", None)
+        bos = tokenizer.bos if config.prepend_bos else None
+        eod = tokenizer.eod if config.append_eod else None
+        metadata_columns = [
+            name
+            for name in schema.names
+            if name in CORE_METADATA_KEYS or name in config.extra_metadata_keys
+        ]
+
         def flush() -> None:
             first_key_tokens = stats.tokens[config.json_keys[0]]
             for i, key in enumerate(config.json_keys):
                 texts = [d.texts[i] for d in pending]
-                encoded = tokenizer.encode_batch(texts)
-                if config.prepend_bos:
-                    encoded = [[tokenizer.bos, *ids] for ids in encoded]
-                if config.append_eod:
-                    for ids in encoded:
-                        ids.append(tokenizer.eod)
-                writers[key].add_documents(encoded)
-                n_tokens = [len(ids) for ids in encoded]
+                # Arrays when the tokenizer can return them (tiktoken: no Python int per token).
+                encoded = (encode_arrays or tokenizer.encode_batch)(texts)
+                n_tokens = writers[key].add_documents(encoded, bos=bos, eod=eod)
                 n_chars = [len(t) for t in texts]
-                stats.tokens[key] += sum(n_tokens)
+                stats.tokens[key] += int(n_tokens.sum(dtype=np.int64))
                 stats.characters[key] += sum(n_chars)
                 columns = {
-                    name: [d.metadata.get(name) for d in pending]
-                    for name in schema.names
-                    if name in CORE_METADATA_KEYS or name in config.extra_metadata_keys
+                    name: [d.metadata.get(name) for d in pending] for name in metadata_columns
                 }
                 columns.update(
                     n_tokens=n_tokens,
@@ -388,7 +400,7 @@ def process_unit(task: UnitTask) -> UnitStats:
             stats.records += 1
             if isinstance(item, Document):
                 pending.append(item)
-                pending_chars += sum(len(t) for t in item.texts)
+                pending_chars += sum(map(len, item.texts))
                 # A batch also ends at BATCH_MAX_CHARS, so long documents (books, code files)
                 # cannot make one batch's token lists large: memory stays bounded.
                 if len(pending) >= config.batch_size or pending_chars >= BATCH_MAX_CHARS:
@@ -521,11 +533,19 @@ class _Progress:
             self.bar.close()
 
 
-def _run_units(tasks: list[UnitTask], config: PreprocessConfig) -> list[UnitStats]:
-    """Process units (largest first) with ``config.workers`` processes; results in task order."""
+def _run_units(
+    tasks: list[UnitTask], config: PreprocessConfig, on_done: Callable[[int], None]
+) -> list[UnitStats]:
+    """Process units (largest first) with ``config.workers`` processes; results in task order.
+
+    ``on_done(i)`` is called in this process as soon as ``tasks[i]`` is finished (the caller
+    merges finished units while the workers go on)."""
     results: list[UnitStats | None] = [None] * len(tasks)
     progress = _Progress(config, len(tasks))
-    order = sorted(range(len(tasks)), key=lambda i: (-tasks[i].unit.size, i))
+    # Larger units first (a large one started last would leave the other workers idle); units
+    # of one power-of-two size class in input order, so the caller can merge them as they
+    # finish.
+    order = sorted(range(len(tasks)), key=lambda i: (-tasks[i].unit.size.bit_length(), i))
     if config.workers == 1:
         # In the main process; the tokenizer may use its native thread pool on every core.
         counters = [0, 0]
@@ -541,6 +561,7 @@ def _run_units(tasks: list[UnitTask], config: PreprocessConfig) -> list[UnitStat
             for i in order:
                 results[i] = process_unit(tasks[i])
                 progress.update(*counters, units_done=1)
+                on_done(i)
         finally:
             _WORKER.pop("on_batch", None)
     else:
@@ -566,6 +587,8 @@ def _run_units(tasks: list[UnitTask], config: PreprocessConfig) -> list[UnitStat
                     for future in done:
                         results[futures[future]] = future.result()
                     progress.update(shared[0], shared[1], units_done=len(done))
+                    for future in sorted(done, key=futures.get):
+                        on_done(futures[future])
             except BaseException:
                 for future in pending:
                     future.cancel()
@@ -607,40 +630,70 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
         for u in units
     ]
     done = {i: stats for i, t in enumerate(tasks) if (stats := _unit_is_done(t)) is not None}
-    todo = [t for i, t in enumerate(tasks) if i not in done]
-    fresh = _run_units(todo, config)
-    all_stats: list[UnitStats] = []
-    fresh_iter = iter(fresh)
-    for i in range(len(tasks)):
-        all_stats.append(done[i] if i in done else next(fresh_iter))
-    total = UnitStats(
-        tokens={k: 0 for k in config.json_keys}, characters={k: 0 for k in config.json_keys}
-    )
-    for stats in all_stats:
-        total.add(stats)
-
-    rejected = sum(total.rejects.values())
-    fraction = rejected / total.records if total.records else 0.0
-    unit_rejects = [_unit_rejects(parts_dir, u) for u in units]
-    if fraction > config.max_reject_fraction:
-        _concatenate_rejects(unit_rejects, [], config.rejects_path)
-        reasons = ", ".join(f"{r}={c}" for r, c in sorted(total.rejects.items()))
-        raise PreprocessError(
-            f"{rejected} of {total.records} input records rejected ({fraction:.2%}) > "
-            f"--max-reject-fraction {config.max_reject_fraction:.2%} ({reasons}); see "
-            f"{config.rejects_path}. Fix the inputs or raise --max-reject-fraction; finished "
-            f"units are kept in {parts_dir} and reused by the next run"
-        )
-
-    first_key = config.json_keys[0]
+    todo = [i for i in range(len(tasks)) if i not in done]
     unit_prefixes = {
         k: [str(_unit_prefix(parts_dir, u, k)) for u in units] for k in config.json_keys
     }
-    keep, duplicates_records = None, []
-    if config.dedup == "exact":
-        keep, duplicates_records = exact_duplicates(unit_prefixes[first_key])
-    for key in config.json_keys:
-        merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
+    unit_rejects = [_unit_rejects(parts_dir, u) for u in units]
+    duplicates_records: list[dict] = []
+    with contextlib.ExitStack() as merging:
+        # Without deduplication the final files are written while the workers run: each unit
+        # is appended as soon as it and every unit before it are finished, so only the last
+        # units are merged after the workers stop. (Deduplication needs every hash first.)
+        mergers = {}
+        if config.dedup is None:
+            schema = metadata_schema(config.extra_metadata_keys)
+            mergers = {
+                k: merging.enter_context(
+                    IndexedMerger(config.dataset_prefix(k), np.dtype(dtype).type, schema)
+                )
+                for k in config.json_keys
+            }
+        finished = [i in done for i in range(len(tasks))]
+        merged = 0  # units [0, merged) are in the final files
+
+        def merge_ready() -> None:
+            nonlocal merged
+            while mergers and merged < len(tasks) and finished[merged]:
+                for key, merger in mergers.items():
+                    merger.add(unit_prefixes[key][merged])
+                merged += 1
+
+        def unit_finished(position: int) -> None:
+            finished[todo[position]] = True
+            merge_ready()
+
+        merge_ready()  # units reused from an interrupted run
+        fresh = _run_units([tasks[i] for i in todo], config, unit_finished)
+        all_stats: list[UnitStats] = []
+        fresh_iter = iter(fresh)
+        for i in range(len(tasks)):
+            all_stats.append(done[i] if i in done else next(fresh_iter))
+        total = UnitStats(
+            tokens={k: 0 for k in config.json_keys}, characters={k: 0 for k in config.json_keys}
+        )
+        for stats in all_stats:
+            total.add(stats)
+
+        rejected = sum(total.rejects.values())
+        fraction = rejected / total.records if total.records else 0.0
+        if fraction > config.max_reject_fraction:
+            _concatenate_rejects(unit_rejects, [], config.rejects_path)
+            reasons = ", ".join(f"{r}={c}" for r, c in sorted(total.rejects.items()))
+            raise PreprocessError(
+                f"{rejected} of {total.records} input records rejected ({fraction:.2%}) > "
+                f"--max-reject-fraction {config.max_reject_fraction:.2%} ({reasons}); see "
+                f"{config.rejects_path}. Fix the inputs or raise --max-reject-fraction; "
+                f"finished units are kept in {parts_dir} and reused by the next run"
+            )
+        if mergers:
+            assert merged == len(tasks), (merged, len(tasks))
+            for merger in mergers.values():
+                merger.finish()
+        else:
+            keep, duplicates_records = exact_duplicates(unit_prefixes[config.json_keys[0]])
+            for key in config.json_keys:
+                merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
     _concatenate_rejects(unit_rejects, duplicates_records, config.rejects_path)
     if not config.keep_partitions:
         # Manifests first: a run killed during this cleanup never leaves a manifest whose

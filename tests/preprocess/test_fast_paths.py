@@ -1,0 +1,172 @@
+"""The fast paths of preprocessing accept exactly what the full checks accept, and write the
+same bytes: validation, the chunked line reader, token arrays, and the streaming merge."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from megatron_syne.data.metadata import metadata_path, metadata_schema
+from megatron_syne.preprocess import readers
+from megatron_syne.preprocess.documents import Document, ValidationConfig, Validator
+from megatron_syne.preprocess.indexed import (
+    IndexedMerger,
+    TokenBinWriter,
+    merge_indexed,
+    read_index,
+    write_index,
+)
+from tests.preprocess.test_rejects import BAD_LINES
+
+TRICKY_LINES = [
+    *BAD_LINES.values(),
+    b'{"text": "ok", "lang": "en", "topic": 3}',
+    b' {"text": "leading space"}',
+    b'{"text": "trailing space"} ',
+    b'{"text": "crlf line"}\r',
+    b'{"text": "extra data"} {"x": 1}',
+    b'{"text": "dup", "text": "last wins"}',
+    b'\xef\xbb\xbf{"text": "byte order mark"}',
+    b'{"text": NaN}',
+    b'{"text": "big", "source": 123456789012345678901234567890}',
+    b'{"text": "float", "source": 1e400}',
+    b'{"text": "\\ud83d\\ude00 pair"}',
+    b'{"text": "\\udc00 low alone"}',
+    b'{"text": "\\u3000\\u00a0 "}',
+    b'{"text": "\\u3000 x \\u00a0"}',
+    b'{"text": "control \x01 raw"}',
+    b'{"text": null}',
+    b'{"text": ["a"]}',
+    b'{"lang": "en"}',
+    b"{}",
+    b"42",
+    b'"a string"',
+    b"",
+    b"\x00",
+    b'{"text": "nul\x00raw"}',
+    b'{"text": "' + b"y" * 150 + b'"}',
+    b'{"text": "\\t\\n"}',
+    b'{"text": "ab\\u0301c e\\u0301"}',
+    '{"text": "中文 文本\u3000结束", "source": "news-cn"}'.encode(),
+]
+
+
+class FullChecks(Validator):
+    """Only the full checks (what every line went through before the fast paths)."""
+
+    def from_line(self, number, raw):
+        return self._from_line_checked(number, raw)
+
+    def from_record(self, number, record, raw=None):
+        return self._from_record_checked(number, record, raw)
+
+
+@pytest.mark.parametrize("json_keys", [("text",), ("text", "title")])
+def test_fast_validation_equals_full_checks(json_keys):
+    config = ValidationConfig(
+        json_keys=json_keys, metadata_defaults=(("lang", "xx"),), max_chars=100
+    )
+    validator, reference = Validator(config, "in.jsonl"), FullChecks(config, "in.jsonl")
+    lines = list(TRICKY_LINES)
+    lines += [
+        json.dumps({"text": t, "title": t[:5]}, ensure_ascii=bool(i % 2)).encode()
+        for i, t in enumerate(["x", " y ", "中文", "a  b\n c", "\u200b", "e\u0301"])
+    ]
+    rng = random.Random(0)
+    pieces = [b"{", b"}", b'"text"', b":", b'"a"', b",", b" ", b"\\u0000", b'"\\ud800"', b"1"]
+    lines += [b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(400)]
+    accepted = 0
+    for number, raw in enumerate(lines, start=1):
+        fast = validator.from_line(number, raw)
+        assert fast == reference.from_line(number, raw), raw
+        if isinstance(fast, Document):
+            accepted += 1
+            assert fast.metadata["lang"] is not None
+    assert accepted >= (8 if len(json_keys) == 1 else 5)
+
+
+def test_chunked_plain_range_reader(tmp_path, monkeypatch):
+    lines = [json.dumps({"text": "w" * random.Random(i).randint(0, 40)}) for i in range(300)]
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "no final newline"}')
+    monkeypatch.setattr(readers, "READ_CHUNK_BYTES", 37)  # lines straddle every chunk edge
+    units = readers.plan_units([str(path)], max(1 << 12, path.stat().st_size // 3))
+    assert len(units) >= 2
+    got = [(line.number, line.raw) for u in units for line in readers.iter_jsonl_lines(u)]
+    expected = list(enumerate(path.read_bytes().split(b"\n"), start=1))
+    assert got == expected
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16])
+def test_token_writer_arrays_and_lists_write_the_same_bytes(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60000, size=n).tolist() for n in (0, 1, 7, 300)]
+    files = {}
+    for kind in ("lists", "arrays"):
+        writer = TokenBinWriter(tmp_path / f"{kind}.bin", dtype)
+        batch = docs if kind == "lists" else [np.array(d, dtype=np.uint32) for d in docs]
+        lengths = writer.add_documents(batch, bos=60001, eod=60002)
+        writer.add_documents(batch[:2])
+        writer.close()
+        assert lengths.tolist() == [len(d) + 2 for d in docs]
+        files[kind] = (tmp_path / f"{kind}.bin").read_bytes()
+        assert writer.lengths.tolist() == [len(d) + 2 for d in docs] + [0, 1]
+    assert files["lists"] == files["arrays"]
+    flat = np.frombuffer(files["lists"], dtype=dtype)
+    assert flat[:3].tolist() == [60001, 60002, 60001] and flat[-1] == docs[1][0]
+
+
+def _dataset(prefix, docs, dtype=np.int32, extra_rows=0):
+    writer = TokenBinWriter(f"{prefix}.bin", dtype)
+    writer.add_documents(docs)
+    writer.close()
+    write_index(f"{prefix}.idx", dtype, lambda: iter([writer.lengths]))
+    schema = metadata_schema()
+    rows = {name: [None] * len(docs) for name in schema.names}
+    rows.update(
+        n_tokens=[len(d) for d in docs],
+        n_chars=[len(d) for d in docs],
+        hash=[f"{i:032x}" for i in range(len(docs))],
+        input_file=[str(prefix)] * len(docs),
+        input_line=list(range(1, len(docs) + 1)),
+    )
+    import pyarrow as pa
+
+    pq.write_table(pa.table(rows, schema=schema), metadata_path(prefix))
+
+
+def test_streaming_merge_equals_merge_and_cleans_up(tmp_path):
+    parts = []
+    for i in range(3):
+        prefix = tmp_path / f"part{i}"
+        _dataset(prefix, [[i, j, 7] for j in range(5 + i)])
+        parts.append(str(prefix))
+    merge_indexed(parts, tmp_path / "whole")
+    with IndexedMerger(tmp_path / "stream", np.int32, metadata_schema()) as merger:
+        for prefix in parts:
+            merger.add(prefix)
+        result = merger.finish()
+    assert (result.documents, result.tokens) == (18, 54)
+    for suffix in (".bin", ".idx", ".meta.parquet"):
+        assert (tmp_path / f"whole{suffix}").read_bytes() == (
+            tmp_path / f"stream{suffix}"
+        ).read_bytes()
+    assert read_index(tmp_path / "stream").num_documents == 18
+
+    # An error (or leaving without finish) removes every temporary: nothing looks complete.
+    with pytest.raises(ValueError, match="boom"):
+        with IndexedMerger(tmp_path / "failed", np.int32, metadata_schema()) as merger:
+            merger.add(parts[0])
+            raise ValueError("boom")
+    with pytest.raises(RuntimeError, match="without finish"):
+        with IndexedMerger(tmp_path / "unfinished", np.int32, None) as merger:
+            merger.add(parts[0])
+    leftovers = [p.name for p in tmp_path.iterdir() if "failed" in p.name or "unfinished" in p.name]
+    assert leftovers == []
+    with pytest.raises(Exception, match="dtype"):
+        with IndexedMerger(tmp_path / "wrong", np.uint16, None) as merger:
+            merger.add(parts[0])
