@@ -382,7 +382,10 @@ class IndexedMerger:
                     table = table.append_column(
                         name, pa.nulls(table.num_rows, schema.field(name).type)
                     )
-            self._buffered.append(table.select(schema.names).cast(schema))
+            table = table.select(schema.names)
+            if not table.schema.equals(schema):  # Table.cast imports pyarrow.compute (~0.1 s)
+                table = table.cast(schema)
+            self._buffered.append(table)
             # Fixed-size row groups: the file's bytes do not depend on how documents were
             # split into inputs (work units), only on the rows themselves.
             if sum(t.num_rows for t in self._buffered) >= METADATA_ROW_GROUP_ROWS:
