@@ -64,6 +64,7 @@ from megatron_syne.preprocess.readers import (
     WorkUnit,
     assign_shard,
     discover_inputs,
+    input_format,
     iter_jsonl_lines,
     iter_parquet_rows,
     parquet_columns,
@@ -597,23 +598,47 @@ def _run_units(
     return results  # type: ignore[return-value]
 
 
+def _guided_unit_sizes(
+    size: int, remaining: int, total: int, workers: int, largest: int
+) -> list[int]:
+    """Unit sizes for a plain JSONL file of ``size`` bytes when ``remaining`` bytes (this file
+    included) of ``total`` are still to be planned: each unit takes 1/(2 x workers) of what
+    remains (guided self-scheduling), at most ``largest`` and at least 1/(16 x workers) of the
+    input. Large units come first and small ones last, so the workers finish together even when
+    the machine's speed varies during the run (about 6 units per worker). Only the
+    resume granularity depends on this: the output bytes never do."""
+    smallest = min(largest, max(MIN_UNIT_BYTES, total // (16 * workers)))
+    sizes: list[int] = []
+    planned = 0
+    while planned < size:
+        step = min(largest, max(smallest, remaining // (2 * workers)))
+        sizes.append(step)
+        planned += step
+        remaining -= step
+    return sizes
+
+
 def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Run (or resume) preprocessing; returns the summary. See the module docstring."""
     start_time = time.perf_counter()
     files = assign_shard(discover_inputs(list(config.input)), config.num_shards, config.shard_index)
-    unit_bytes = config.partition_bytes
-    if config.workers > 1:
-        # Enough units to keep every worker busy (about 4 each): the split changes no output
-        # byte, only the resume granularity.
-        total_bytes = sum(os.path.getsize(path) for path in files)
-        unit_bytes = min(unit_bytes, max(MIN_UNIT_BYTES, -(-total_bytes // (4 * config.workers))))
     units: list[WorkUnit] = []
+    total_bytes = sum(os.path.getsize(path) for path in files)
+    remaining = total_bytes
     for path in files:
-        per_file = unit_bytes
+        size = os.path.getsize(path)
+        per_file = config.partition_bytes
         if config.partitions > 1:
-            per_file = min(per_file, max(os.path.getsize(path) // config.partitions + 1, 1 << 16))
+            per_file = min(per_file, max(size // config.partitions + 1, 1 << 16))
+        cut_sizes = None
+        if config.workers > 1 and input_format(path) == "jsonl":
+            cut_sizes = _guided_unit_sizes(size, remaining, total_bytes, config.workers, per_file)
+        elif config.workers > 1:  # Parquet row groups: about 4 units per worker
+            per_file = min(per_file, max(MIN_UNIT_BYTES, -(-total_bytes // (4 * config.workers))))
         base = len(units)
-        units += [replace(u, index=base + i) for i, u in enumerate(plan_units([path], per_file))]
+        planned = plan_units([path], per_file, cut_sizes)
+        units += [replace(u, index=base + i) for i, u in enumerate(planned)]
+        remaining -= size
     tokenizer = _tokenizer(config)  # fails early on a bad tokenizer; cached for workers=1
     dtype = np.dtype(optimal_dtype(tokenizer.vocab_size)).name
     tokenizer_files = _tokenizer_files(config)

@@ -9,9 +9,10 @@ finely the inputs are cut never changes the output.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -109,14 +110,26 @@ class WorkUnit:
         return f"unit-{self.index:06d}"
 
 
-def plan_units(files: list[str], partition_bytes: int) -> list[WorkUnit]:
-    """Cut input files into work units of about ``partition_bytes`` input bytes."""
+def plan_units(
+    files: list[str], partition_bytes: int, cut_sizes: Sequence[int] | None = None
+) -> list[WorkUnit]:
+    """Cut input files into work units of about ``partition_bytes`` input bytes.
+
+    ``cut_sizes`` (one plain JSONL file only) gives the units' sizes in order instead, e.g.
+    decreasing ones so that parallel workers finish together.
+    """
+    if cut_sizes is not None and len(files) != 1:
+        raise ValueError("cut_sizes needs exactly one file")
     units: list[WorkUnit] = []
     for path in files:
         fmt = input_format(path)
         size = os.path.getsize(path)
-        if fmt == "jsonl" and size > partition_bytes:
-            cuts = line_aligned_cuts(path, partition_bytes) + [(size, 0)]
+        if cut_sizes is not None:
+            targets = [t for t in itertools.accumulate(cut_sizes) if 0 < t < size]
+        else:
+            targets = list(range(partition_bytes, size, partition_bytes))
+        if fmt == "jsonl" and targets:
+            cuts = line_aligned_cuts(path, targets=targets) + [(size, 0)]
             for (start, first_line), (end, _) in zip(cuts[:-1], cuts[1:]):
                 units.append(WorkUnit(len(units), path, fmt, start, end, end - start, first_line))
         elif fmt == "parquet":
@@ -254,14 +267,21 @@ def _iter_plain_range(path: str, start: int, end: int, first_line: int) -> Itera
         yield Line(number + 1, remainder)
 
 
-def line_aligned_cuts(path: str, partition_bytes: int) -> list[tuple[int, int]]:
-    """(byte offset, 1-based line number) of each line start that begins a new unit.
+def line_aligned_cuts(
+    path: str, partition_bytes: int | None = None, targets: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
+    """(byte offset, 1-based line number) of each line start that begins a new unit: the first
+    line start at or after every ``partition_bytes`` multiple, or after each of the increasing
+    byte offsets ``targets``.
 
     One sequential pass over the file (newline counting runs at disk speed); always starts with
     (0, 1).
     """
     size = os.path.getsize(path)
-    targets = list(range(partition_bytes, size, partition_bytes))
+    if targets is None:
+        if partition_bytes is None:
+            raise ValueError("give partition_bytes or targets")
+        targets = list(range(partition_bytes, size, partition_bytes))
     cuts = [(0, 1)]
     with open(path, "rb") as f:
         for target in targets:

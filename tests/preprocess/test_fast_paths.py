@@ -170,3 +170,24 @@ def test_streaming_merge_equals_merge_and_cleans_up(tmp_path):
     with pytest.raises(Exception, match="dtype"):
         with IndexedMerger(tmp_path / "wrong", np.uint16, None) as merger:
             merger.add(parts[0])
+
+
+def test_guided_unit_sizes_shrink_towards_the_end(tmp_path):
+    from megatron_syne.preprocess.pipeline import MIN_UNIT_BYTES, _guided_unit_sizes
+
+    mb = 1 << 20
+    sizes = _guided_unit_sizes(46 * mb, 46 * mb, 46 * mb, 2, 64 * mb)
+    assert sum(sizes) >= 46 * mb and sum(sizes[:-1]) < 46 * mb
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 46 * mb // 4
+    assert sizes[-1] >= 46 * mb // 32 and 8 <= len(sizes) <= 16
+    assert _guided_unit_sizes(10 * 64 * mb, 10 * 64 * mb, 10 * 64 * mb, 2, 64 * mb)[0] == 64 * mb
+    assert min(_guided_unit_sizes(mb, mb, mb, 8, 64 * mb)) >= MIN_UNIT_BYTES
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"".join(b'{"text": "%d"}\n' % i for i in range(20_000)))
+    units = readers.plan_units([str(path)], 1 << 40, cut_sizes=[100_000, 50_000, 25_000])
+    assert [u.start for u in units][:3] == [0, units[0].end, units[1].end]
+    assert abs(units[0].size - 100_000) < 20 and abs(units[1].size - 50_000) < 20
+    assert units[-1].end == path.stat().st_size and len(units) == 4
+    numbered = [line.number for u in units for line in readers.iter_jsonl_lines(u)]
+    assert numbered == list(range(1, 20_001))
