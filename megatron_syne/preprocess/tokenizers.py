@@ -243,7 +243,7 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.path}, vocab_size={self.vocab_size})"
 
 
-RANKS_CACHE_VERSION = 1
+RANKS_CACHE_VERSION = 2  # 2: a checksum before the marshalled table
 CACHE_DIR_ENV = "MEGATRON_SYNE_CACHE_DIR"
 
 
@@ -270,23 +270,37 @@ def _ranks_cache_file(data: bytes) -> Path | None:
     return directory / "tiktoken" / f"{digest}-{tag}.marshal"
 
 
+_CACHE_CHECKSUM_BYTES = 16
+
+
 def _read_ranks_cache(cache: Path | None) -> dict[bytes, int] | None:
+    """The cached table, or None when absent, unreadable or damaged (its checksum, over the
+    marshalled table, must match: a wrong table would silently change every token id)."""
     if cache is None:
         return None
     try:
-        ranks = marshal.loads(cache.read_bytes())
-    except (OSError, ValueError, EOFError, TypeError):
-        return None  # absent, unreadable or damaged: parse the file again
+        blob = cache.read_bytes()
+    except OSError:
+        return None
+    checksum, payload = blob[:_CACHE_CHECKSUM_BYTES], blob[_CACHE_CHECKSUM_BYTES:]
+    if hashlib.blake2b(payload, digest_size=_CACHE_CHECKSUM_BYTES).digest() != checksum:
+        return None
+    try:
+        ranks = marshal.loads(payload)
+    except (ValueError, EOFError, TypeError):
+        return None
     return ranks if isinstance(ranks, dict) and ranks else None
 
 
 def _write_ranks_cache(cache: Path | None, ranks: dict[bytes, int]) -> None:
     if cache is None:
         return
+    payload = marshal.dumps(ranks)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(cache, "wb") as f:
-            f.write(marshal.dumps(ranks))
+            f.write(hashlib.blake2b(payload, digest_size=_CACHE_CHECKSUM_BYTES).digest())
+            f.write(payload)
     except OSError:
         pass  # a read-only or full cache directory only costs the parse next time
 

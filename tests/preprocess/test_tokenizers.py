@@ -109,6 +109,11 @@ def test_tiktoken_ranks_cache(tmp_path, monkeypatch, llama3):
 
     entries[0].write_bytes(b"damaged")  # a cut or corrupted cache file is not trusted
     assert tokenizers.load_tiktoken_bpe(model) == cold
+    blob = bytearray(entries[0].read_bytes())
+    blob[len(blob) // 2] ^= 1  # one flipped bit inside the table: the checksum catches it
+    entries[0].write_bytes(bytes(blob))
+    assert tokenizers._read_ranks_cache(entries[0]) is None
+    assert tokenizers.load_tiktoken_bpe(model) == cold
 
     small = tmp_path / "small.model"
     small.write_bytes(b"YQ== 0\nYg== 1\nYWI= 2\n")
