@@ -711,8 +711,9 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 f"{config.rejects_path}. Fix the inputs or raise --max-reject-fraction; "
                 f"finished units are kept in {parts_dir} and reused by the next run"
             )
-        if mergers:
-            assert merged == len(tasks), (merged, len(tasks))
+        if config.dedup is None:
+            if merged != len(tasks):  # every unit finished, so every unit was appended
+                raise RuntimeError(f"internal error: {merged} of {len(tasks)} units merged")
             for merger in mergers.values():
                 merger.finish()
         else:

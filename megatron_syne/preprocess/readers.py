@@ -226,30 +226,50 @@ class Line:
     corrupt: bool = False  # ... cut by corrupt compressed data instead
 
 
+class _LineSplitter:
+    """Cuts a stream of byte chunks into lines. A line longer than a chunk is joined once when
+    its end arrives (never re-copied per chunk, which would be quadratic in its length)."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines completed by ``chunk`` (without their ``\\n``)."""
+        self._pieces.append(chunk)
+        if b"\n" not in chunk:
+            return []
+        lines = b"".join(self._pieces).split(b"\n")
+        self._pieces = [lines.pop()]
+        return lines
+
+    @property
+    def rest(self) -> bytes:
+        """What follows the last newline so far."""
+        return b"".join(self._pieces)
+
+
 def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
     """Lines of a JSONL unit, numbered as in the whole file. Memory: one read chunk + one line."""
     if unit.fmt == "jsonl" and unit.end is not None:
         yield from _iter_plain_range(unit.path, unit.start, unit.end, unit.first_line)
         return
     number = 0
-    remainder = b""
+    splitter = _LineSplitter()
     try:
         for chunk in _decompressed_chunks(unit.path, unit.fmt):
-            lines = (remainder + chunk).split(b"\n")
-            remainder = lines.pop()
-            for raw in lines:
+            for raw in splitter.feed(chunk):
                 number += 1
                 yield Line(number, raw)
     except TruncatedStreamError as err:
-        yield Line(number + 1, remainder, truncated=True, corrupt=err.corrupt)
+        yield Line(number + 1, splitter.rest, truncated=True, corrupt=err.corrupt)
         return
-    if remainder:
-        yield Line(number + 1, remainder)
+    if rest := splitter.rest:
+        yield Line(number + 1, rest)
 
 
 def _iter_plain_range(path: str, start: int, end: int, first_line: int) -> Iterator[Line]:
     number = first_line - 1
-    remainder = b""
+    splitter = _LineSplitter()
     with open(path, "rb") as f:
         f.seek(start)
         todo = end - start
@@ -258,13 +278,11 @@ def _iter_plain_range(path: str, start: int, end: int, first_line: int) -> Itera
             if not chunk:
                 break  # the file shrank since it was planned
             todo -= len(chunk)
-            lines = (remainder + chunk).split(b"\n")
-            remainder = lines.pop()
-            for raw in lines:
+            for raw in splitter.feed(chunk):
                 number += 1
                 yield Line(number, raw)
-    if remainder:
-        yield Line(number + 1, remainder)
+    if rest := splitter.rest:
+        yield Line(number + 1, rest)
 
 
 def line_aligned_cuts(

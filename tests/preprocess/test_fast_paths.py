@@ -100,6 +100,23 @@ def test_chunked_plain_range_reader(tmp_path, monkeypatch):
     expected = list(enumerate(path.read_bytes().split(b"\n"), start=1))
     assert got == expected
 
+    # A line thousands of chunks long (plain and gzip), then a truncated gzip stream.
+    import gzip
+
+    long_line = json.dumps({"text": "x" * 200_000}).encode()
+    data = b'{"text": "a"}\n' + long_line + b'\n{"text": "b"}'
+    (tmp_path / "long.jsonl").write_bytes(data)
+    (tmp_path / "long.jsonl.gz").write_bytes(gzip.compress(data))
+    for name in ("long.jsonl", "long.jsonl.gz"):
+        (unit,) = readers.plan_units([str(tmp_path / name)], 1 << 30)
+        assert [line.raw for line in readers.iter_jsonl_lines(unit)] == data.split(b"\n")
+    cut = gzip.compress(data * 3)
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut[: len(cut) // 2])
+    (unit,) = readers.plan_units([str(tmp_path / "cut.jsonl.gz")], 1 << 30)
+    lines = list(readers.iter_jsonl_lines(unit))
+    assert lines[-1].truncated and not any(line.truncated for line in lines[:-1])
+    assert [line.number for line in lines] == list(range(1, len(lines) + 1))
+
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint16])
 def test_token_writer_arrays_and_lists_write_the_same_bytes(tmp_path, dtype):
