@@ -7,10 +7,9 @@ import json
 import random
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from megatron_syne.data.metadata import metadata_path, metadata_schema
+from megatron_syne.data.metadata import metadata_schema
 from megatron_syne.preprocess import readers
 from megatron_syne.preprocess.documents import Document, ValidationConfig, Validator
 from megatron_syne.preprocess.indexed import (
@@ -18,9 +17,9 @@ from megatron_syne.preprocess.indexed import (
     TokenBinWriter,
     merge_indexed,
     read_index,
-    write_index,
 )
 from tests.preprocess.test_rejects import BAD_LINES
+from tests.topics._data import build_dataset
 
 TRICKY_LINES = [
     *BAD_LINES.values(),
@@ -137,30 +136,11 @@ def test_token_writer_arrays_and_lists_write_the_same_bytes(tmp_path, dtype):
     assert flat[:3].tolist() == [60001, 60002, 60001] and flat[-1] == docs[1][0]
 
 
-def _dataset(prefix, docs, dtype=np.int32, extra_rows=0):
-    writer = TokenBinWriter(f"{prefix}.bin", dtype)
-    writer.add_documents(docs)
-    writer.close()
-    write_index(f"{prefix}.idx", dtype, lambda: iter([writer.lengths]))
-    schema = metadata_schema()
-    rows = {name: [None] * len(docs) for name in schema.names}
-    rows.update(
-        n_tokens=[len(d) for d in docs],
-        n_chars=[len(d) for d in docs],
-        hash=[f"{i:032x}" for i in range(len(docs))],
-        input_file=[str(prefix)] * len(docs),
-        input_line=list(range(1, len(docs) + 1)),
-    )
-    import pyarrow as pa
-
-    pq.write_table(pa.table(rows, schema=schema), metadata_path(prefix))
-
-
 def test_streaming_merge_equals_merge_and_cleans_up(tmp_path):
     parts = []
     for i in range(3):
         prefix = tmp_path / f"part{i}"
-        _dataset(prefix, [[i, j, 7] for j in range(5 + i)])
+        build_dataset(prefix, [[i, j, 7] for j in range(5 + i)])
         parts.append(str(prefix))
     merge_indexed(parts, tmp_path / "whole")
     with IndexedMerger(tmp_path / "stream", np.int32, metadata_schema()) as merger:
