@@ -274,18 +274,24 @@ def merge_indexed(
         _check_mergeable(prefix, ix, mask)
     schema = None
     if metadata:
-        paths = [metadata_path(p) for p in inputs]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise MetadataError(
-                f"metadata sidecar missing for {', '.join(missing)}; every merged dataset needs "
-                f"its {METADATA_SUFFIX} (re-preprocess it, or merge with --no-metadata)"
-            )
+        paths = _sidecars(inputs)
         schema = pa.unify_schemas([pq.read_schema(p) for p in paths], promote_options="permissive")
     with IndexedMerger(output_prefix, dtypes.pop() if dtypes else np.int32, schema) as merger:
         for prefix, mask in zip(inputs, keep):
             merger.add(prefix, mask)
         return merger.finish()
+
+
+def _sidecars(prefixes: Sequence[str]) -> list[Path]:
+    """The metadata sidecars of ``prefixes``; an error naming every missing one."""
+    paths = [metadata_path(p) for p in prefixes]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise MetadataError(
+            f"metadata sidecar missing for {', '.join(missing)}; every merged dataset needs "
+            f"its {METADATA_SUFFIX} (re-preprocess it, or merge with --no-metadata)"
+        )
+    return paths
 
 
 def _check_mergeable(prefix: str, ix: IndexArrays, mask: np.ndarray | None) -> None:
@@ -358,12 +364,7 @@ class IndexedMerger:
         self._inputs.append((prefix, keep))
 
     def _add_metadata(self, prefix: str, mask: np.ndarray | None, count: int) -> None:
-        path = metadata_path(prefix)
-        if not path.is_file():
-            raise MetadataError(
-                f"metadata sidecar missing for {path}; every merged dataset needs its "
-                f"{METADATA_SUFFIX} (re-preprocess it, or merge with --no-metadata)"
-            )
+        (path,) = _sidecars([prefix])
         schema = self.schema
         parquet = pq.ParquetFile(path)
         if parquet.metadata.num_rows != count:
