@@ -106,23 +106,26 @@ CHUNK_LOGITS_BYTES = 1 << 28
 TOKEN_SCHEDULE_ACCUMULATOR_BYTES = 1 << 28
 
 
+def _chunk_within_budget(other_dim: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    """How many rows of ``other_dim`` logits of ``dtype`` fit ``budget_bytes``: a multiple of
+    64 (tensor-core friendly matrix shapes), at least 64."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = budget_bytes // max(1, other_dim * elem)
+    return max(64, rows // 64 * 64)
+
+
 def default_chunk_tokens(
     vocab_local: int, dtype: torch.dtype, budget_bytes: int = CHUNK_LOGITS_BYTES
 ) -> int:
     """Tokens per chunk (token schedule) so that one chunk of logits fits ``budget_bytes``."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    tokens = budget_bytes // max(1, vocab_local * elem)
-    # Multiples of 64 keep the matrix products on tensor-core friendly shapes.
-    return max(64, tokens // 64 * 64)
+    return _chunk_within_budget(vocab_local, dtype, budget_bytes)
 
 
 def default_chunk_vocab(
     n_tokens: int, dtype: torch.dtype, budget_bytes: int = CHUNK_LOGITS_BYTES
 ) -> int:
     """Vocabulary rows per chunk (vocab schedule) so that ``n_tokens x chunk`` logits fit."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    rows = budget_bytes // max(1, n_tokens * elem)
-    return max(64, rows // 64 * 64)
+    return _chunk_within_budget(n_tokens, dtype, budget_bytes)
 
 
 def choose_schedule(
