@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_syne.kernels import cross_entropy
 from megatron_syne.kernels.cross_entropy import (
     cross_entropy_reference,
+    scale_rows,
     vocab_parallel_cross_entropy,
 )
 
@@ -187,3 +189,41 @@ def test_bad_arguments_are_rejected():
     target[1, 5] = 1000
     with pytest.raises(ValueError, match=r"1 target ids lie outside the vocabulary \[0, 1000\)"):
         vocab_parallel_cross_entropy(logits, target)
+
+
+def _assert_scaled(got, expected, backend):
+    """Exact, except that Triton's interpreter truncates fp32 -> bf16 (the GPU and torch round
+    to nearest even): there within one bf16 unit in the last place."""
+    if backend == "triton" and got.dtype == torch.bfloat16:
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(got, expected), backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_rows_matches_torch_and_skips_rows_scaled_by_one(monkeypatch, dtype):
+    # Three blocks per row with a ragged last one.
+    monkeypatch.setattr(cross_entropy, "MAX_BLOCK_SIZE", 128)
+    grad = (torch.randn(6, 300) * 3).to(dtype)
+    scale = torch.tensor([1.0, 0.3, -2.7, 1.0, 1.3e-3, 0.0])
+    expected = (grad.float() * scale[:, None]).to(dtype)
+    # torch's own mul_ with an fp32 column computes in fp32 and rounds once: the same values.
+    assert torch.equal(grad.clone().mul_(scale[:, None]), expected)
+    for backend in ("triton", "torch"):
+        got = grad.clone()
+        scale_rows(got, scale, backend)
+        _assert_scaled(got, expected, backend)
+        assert torch.equal(got[[0, 3]], grad[[0, 3]])  # rows scaled by exactly 1: untouched
+    # A 0-dim scale applies to every row (the incoming gradient of a "mean" or "sum" loss).
+    for value in (1.0, 0.37):
+        for backend in ("triton", "torch"):
+            got = grad.clone()
+            scale_rows(got, torch.tensor(value), backend)
+            _assert_scaled(got, (grad.float() * value).to(dtype), backend)
+    # A row-strided view (stride(0) > n_cols) is scaled in place without touching the padding.
+    padded = torch.zeros(4, 320, dtype=dtype)
+    view = padded[:, :300]
+    view.copy_(grad[:4])
+    scale_rows(view, scale[:4].contiguous(), "triton")
+    _assert_scaled(view, expected[:4], "triton")
+    assert not padded[:, 300:].any()
