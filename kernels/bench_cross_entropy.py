@@ -11,6 +11,7 @@ Implementations compared in the same run (absent ones are listed as skipped, not
   liger            Liger-Kernel LigerCrossEntropyLoss                (needs liger-kernel)
   syne             megatron_syne vocab_parallel_cross_entropy (gradient buffer)
   syne-inplace     same with inplace_backward=True (gradient overwrites the logits)
+  ... per-token    reduction="none", then .mean(): backward scales the gradient per token
 and for the output layer + loss (hidden [N,H], weight [V,H]):
   torch-linear+ce            logits = h @ W^T, then F.cross_entropy on fp32 logits
   liger-flce                 LigerFusedLinearCrossEntropyLoss (needs liger-kernel)
@@ -36,7 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_syne.kernels import benchmarking as B  # noqa: E402
-from megatron_syne.kernels import cross_entropy as syne_ce  # noqa: E402
 from megatron_syne.kernels._dispatch import resolve_backend  # noqa: E402
 from megatron_syne.kernels.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from megatron_syne.kernels.fused_linear_cross_entropy import (  # noqa: E402
@@ -63,12 +63,11 @@ def _loss_impls(device: torch.device):
         "syne-inplace": lambda x, t: vocab_parallel_cross_entropy(
             x, t, reduction="mean", inplace_backward=True
         ),
-        # The default launch (BLOCK 32768, 32 warps) caps registers at 64 a thread and the
-        # compiler keeps 40-104 bytes a thread on the stack (kernels/aot_report.py, sm_90);
-        # BLOCK 16384 with 32 warps compiles without any. Timed here to pick the default.
-        "syne-block16k": _with_launch(
-            16384, 32, lambda x, t: vocab_parallel_cross_entropy(x, t, reduction="mean")
-        ),
+        # Per-token losses reduced outside the op (Megatron's loss_func): the incoming gradient
+        # is 1/N per token, so backward scales the whole gradient.
+        "syne-inplace per-token": lambda x, t: vocab_parallel_cross_entropy(
+            x, t, reduction="none", inplace_backward=True
+        ).mean(),
     }
     try:
         from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
@@ -78,35 +77,24 @@ def _loss_impls(device: torch.device):
             x, t, group
         ).mean()
     except Exception as exc:  # ImportError, or a megatron-core that fails to import
-        impls["megatron-fused"] = f"megatron-core unavailable ({type(exc).__name__})"
+        impls["megatron-fused"] = f"megatron-core unavailable ({_why(exc)})"
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
 
         if device.type != "cuda":
             raise ImportError("Liger-Kernel needs CUDA")
         liger = LigerCrossEntropyLoss()
+        liger_none = LigerCrossEntropyLoss(reduction="none")
         impls["liger"] = lambda x, t: liger(x, t)
+        impls["liger per-token"] = lambda x, t: liger_none(x, t).mean()
     except Exception as exc:
-        impls["liger"] = f"liger-kernel unavailable ({type(exc).__name__})"
+        impls["liger"] = impls["liger per-token"] = f"liger-kernel unavailable ({_why(exc)})"
     return impls
 
 
-def _with_launch(max_block: int, num_warps: int, fn):
-    """``fn`` with the Triton kernels launched on blocks of at most ``max_block`` columns and
-    ``num_warps`` warps (the gradient is written in the forward, so only the forward needs it)."""
-
-    def launch_config(n_cols: int) -> tuple[int, int]:
-        return min(max_block, 1 << max(0, n_cols - 1).bit_length()), num_warps
-
-    def run(x, t):
-        saved = syne_ce._block_and_warps
-        syne_ce._block_and_warps = launch_config
-        try:
-            return fn(x, t)
-        finally:
-            syne_ce._block_and_warps = saved
-
-    return run
+def _why(exc: Exception) -> str:
+    """``Type: message`` of why an optional implementation could not run, one line, short."""
+    return f"{type(exc).__name__}: {exc}".replace("|", "/").splitlines()[0][:160]
 
 
 def bench_loss(args, device, dtype) -> str:
@@ -200,7 +188,7 @@ def _linear_impls(target, chunk_tokens):
         liger = LigerFusedLinearCrossEntropyLoss()
         impls["liger-flce"] = (lambda hh, ww: liger(ww, hh, target), None, False)
     except Exception as exc:
-        impls["liger-flce"] = f"liger-kernel unavailable ({type(exc).__name__})"
+        impls["liger-flce"] = f"liger-kernel unavailable ({_why(exc)})"
     return impls
 
 

@@ -1,7 +1,7 @@
 """Benchmark: forward-only per-token NLL (PPL scoring) without materialising the logits.
 
 GPU (N=8192 tokens, H=4096, V=128256, bf16; whole-model comparison on a Llama-3-8B-shaped
-model with --layers decoder layers, random weights):
+model for each of --layers (decoder layers), random weights; 32 layers is Llama-3-8B itself):
     python kernels/bench_ppl.py --output bench_ppl.md
 CPU smoke run:
     python kernels/bench_ppl.py --device cpu --small
@@ -18,6 +18,7 @@ Whole model (input ids -> scores), tokens/s and peak memory:
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -65,14 +66,14 @@ def bench_head(args, device, dtype) -> str:
     return "\n".join(out)
 
 
-def _build_llama(args, device, dtype):
+def _build_llama(args, layers, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.ffn_hidden,
-        num_hidden_layers=args.layers,
+        num_hidden_layers=layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=max(args.seq_length, 128),
@@ -89,9 +90,9 @@ def _build_llama(args, device, dtype):
     return model.eval()
 
 
-def bench_model(args, device, dtype) -> str:
+def bench_model(args, layers, device, dtype) -> str:
     try:
-        model = _build_llama(args, device, dtype)
+        model = _build_llama(args, layers, device, dtype)
     except Exception as exc:  # transformers missing or API drift: say so, do not fake numbers
         return f"### Whole model: skipped ({type(exc).__name__}: {exc})"
     batch = max(1, args.tokens // args.seq_length)
@@ -129,7 +130,7 @@ def bench_model(args, device, dtype) -> str:
     syne_tps = n_scored / (rows[-1].time_ms / 1e3)
     return "\n".join(
         [
-            f"### Whole model: Llama-shaped, {args.layers} layers, H={args.hidden}, "
+            f"### Whole model: Llama-shaped, {layers} layers, H={args.hidden}, "
             f"V={args.vocab}, {params / 1e9:.2f} B parameters, {batch} x {args.seq_length} "
             f"tokens, {dtype}",
             "",
@@ -147,20 +148,27 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn-hidden", type=int, default=14336)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the model")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[4],
+        help="decoder layers of the model; several values: one whole-model table each",
+    )  # fmt: skip
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.small:
         args.tokens, args.hidden, args.vocab, args.ffn_hidden = 256, 64, 1000, 128
-        args.heads, args.kv_heads, args.layers, args.seq_length = 4, 2, 2, 64
+        args.heads, args.kv_heads, args.layers, args.seq_length = 4, 2, [2], 64
         args.iters = min(args.iters, 3)
     dtype = B.bench_dtype(args.dtype, device)
     report = B.Report("PPL scoring benchmark", device)
     report.add(bench_head(args, device, dtype))
     if not args.skip_model:
-        report.add(bench_model(args, device, dtype))
+        for layers in args.layers:
+            report.add(bench_model(args, layers, device, dtype))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     report.write(args.output)
     return 0
 
