@@ -14,6 +14,9 @@ Prints tokens/s (EOD included, the same token count for all) for:
   and tiktoken in one forked process per worker (the true multi-core figure) returning lists
   (``encode_ordinary``) or arrays (``encode_to_numpy``, as the tool does). The fastest is the
   ceiling.
+- ``reference``: the least any JSONL -> tokens tool does, one forked process per worker that
+  loads the tokenizer, reads its share of the file, parses each line and encodes to arrays
+  (no validation, hashing, metadata or output): the tool's own work costs the difference.
 - ``megatron-style``: Megatron-LM's tools/preprocess_data.py structure -- a multiprocessing pool
   that receives raw JSON lines, ``imap(encode, lines, chunksize=32)`` encoding one document per
   call, and the parent writing through megatron-core's ``IndexedDatasetBuilder.add_document``.
@@ -182,6 +185,38 @@ def measure_ceiling_processes(texts: list[str], workers: int, api: str) -> tuple
     return seconds, sum(counts)
 
 
+def _minimal_share(bounds: tuple[str, int, int]) -> int:
+    from megatron_syne.preprocess.tokenizers import load_tokenizer
+
+    path, start, end = bounds
+    tokenizer = load_tokenizer()  # in each process, as every pipeline with workers pays it
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = [line for line in f.read(end - start).splitlines() if line.strip()]
+    texts = [json.loads(line)["text"] for line in lines]
+    return sum(len(ids) + 1 for ids in tokenizer.encode_batch_numpy(texts))
+
+
+def measure_minimal(input_path: str, workers: int) -> tuple[float, int]:
+    """The least any JSONL -> tokens tool does: one forked process per worker loads the
+    tokenizer, reads its line-aligned share of the file, parses each line and encodes the
+    texts to arrays, counting tokens. No validation, hashing, metadata, output or crash
+    safety: what the tool's own work costs is the difference to this row."""
+    size = os.path.getsize(input_path)
+    cuts = [0]
+    with open(input_path, "rb") as f:
+        for k in range(1, workers):
+            f.seek(max(cuts[-1], size * k // workers))
+            f.readline()
+            cuts.append(min(size, f.tell()))
+    cuts.append(size)
+    shares = [(input_path, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(workers) as pool:
+        counts = pool.map(_minimal_share, shares, chunksize=1)
+    return time.perf_counter() - start, sum(counts)
+
+
 @contextlib.contextmanager
 def _all_cores():
     """Native thread pools on every core (undo a RAYON_NUM_THREADS=1 from the environment)."""
@@ -291,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "ceiling-processes-array": lambda: measure_ceiling_processes(
                 texts, args.workers, "array"
             ),
+            "minimal": lambda: measure_minimal(input_path, args.workers),
             "megatron-tiktoken": lambda: measure_megatron(
                 input_path, workdir, args.workers, "tiktoken"
             ),
@@ -320,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "ceiling-rust": "tokenizer alone: HF tokenizers encode_batch_fast, all cores",
             "ceiling-processes": "tokenizer alone: tiktoken lists, one process per worker",
             "ceiling-processes-array": "tokenizer alone: tiktoken arrays, one process per worker",
+            "minimal": "reference: read + json.loads + tokenizer load + arrays, process/worker",
             "megatron-tiktoken": "megatron-style, tiktoken, 1 doc/call",
             "megatron-rust": "megatron-style, HF Rust tokenizer, 1 doc/call",
             "megatron-transformers": "megatron-style, HuggingFaceTokenizer (transformers)",
@@ -359,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
         lines.append(
             f"median of per-round ratios: tool / ceiling = {paired(ceiling_name):.2f}; "
-            "tool / megatron-style = "
+            f"tool / minimal reference = {paired('minimal'):.2f}; tool / megatron-style = "
             + ", ".join(
                 f"{name.split('-', 1)[1]} {paired(name):.2f}x"
                 for name in results
