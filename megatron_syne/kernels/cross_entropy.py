@@ -30,8 +30,9 @@ Differences from megatron-core's ``vocab_parallel_cross_entropy`` (by design):
   smoothed loss depends on the TP size. At TP = 1 the two are identical.
 * the softmax is never saved: the gradient (in the logits' dtype) is written during the forward,
   and backward multiplies it by the incoming gradient in place (on the Triton path a kernel that
-  skips, on the device, rows whose incoming gradient is exactly 1, as it is for a mean loss). With ``inplace_backward=True``
-  the gradient overwrites the logits' own storage, so no extra ``N x V`` buffer exists at all.
+  skips, on the device, rows whose incoming gradient is exactly 1, as it is for a mean loss).
+  With ``inplace_backward=True`` the gradient overwrites the logits' own storage, so no extra
+  ``N x V`` buffer exists at all.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ REDUCTIONS = ("none", "sum", "mean")
 
 # Largest vocabulary block one Triton program holds in registers; tests lower it to exercise
 # the multi-block loop and the ragged last block on a small vocabulary. Measured on an H200
-# (kernels/tune_cross_entropy.py, N=8192, V=128256, bf16): BLOCK 8192 with 8 warps is within 3%
-# of the fastest launch of each row kernel (fused 1.59 ms, statistics 0.56, gradient 1.11),
-# where Liger-Kernel's 32768 with 32 warps took 1.81 / 0.82 / 1.15 ms.
+# (kernels/tune_cross_entropy.py, N=8192, V=128256, bf16): BLOCK 8192 with 8 warps is within 4%
+# of the fastest launch of each row kernel (fused 1.63 ms, statistics 0.59, gradient 1.13),
+# where Liger-Kernel's 32768 with 32 warps took 1.77-1.81 / 0.79-0.82 / 1.15-1.16 ms.
 MAX_BLOCK_SIZE = 8192
 # Rows per chunk of the torch implementation: bounds its fp32 temporaries to ~64 MiB.
 TORCH_CHUNK_ELEMENTS = 1 << 24
