@@ -30,50 +30,6 @@ from megatron_syne.kernels import benchmarking as B  # noqa: E402
 from megatron_syne.kernels import cross_entropy as ce  # noqa: E402
 from megatron_syne.kernels._dispatch import launch  # noqa: E402
 
-if ce.HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _fused_hinted_kernel(
-        x_ptr, x_row_stride, grad_ptr, grad_row_stride, target_ptr, lse_ptr, coef_p_ptr,
-        coef_target_ptr, coef_const_ptr, n_cols, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        """Experiment: the fused kernel with cache hints (keep the row in L2 for the second
-        read, evict it after that read, stream the gradient past L2)."""
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * x_row_stride
-        grad_row = grad_ptr + row * grad_row_stride
-        target = tl.load(target_ptr + row)
-        running_max = float("-inf")
-        sumexp = 0.0
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(
-                x_row + offs, mask=offs < n_cols, other=float("-inf"), eviction_policy="evict_last"
-            ).to(tl.float32)
-            new_max = tl.maximum(running_max, tl.max(x, axis=0))
-            sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-            running_max = new_max
-        lse = running_max + tl.log(sumexp)
-        tl.store(lse_ptr + row, lse)
-        coef_p = tl.load(coef_p_ptr + row)
-        coef_target = tl.load(coef_target_ptr + row)
-        coef_const = tl.load(coef_const_ptr + row)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            in_row = offs < n_cols
-            x = tl.load(x_row + offs, mask=in_row, other=0.0, eviction_policy="evict_first").to(
-                tl.float32
-            )
-            grad = coef_p * tl.exp(x - lse) + coef_const
-            grad = tl.where(offs == target, grad + coef_target, grad)
-            tl.store(
-                grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row,
-                cache_modifier=".cs",
-            )  # fmt: skip
-
-
 # (BLOCK, num_warps) pairs with 4 to 64 logits per thread and block.
 SWEEP = [
     (block, warps)
@@ -83,16 +39,28 @@ SWEEP = [
 ]
 
 
-def _row_inputs(n, v, device, dtype):
-    torch.manual_seed(0)
-    x = (torch.randn(n, v, device=device) * 2).to(dtype)
-    target = torch.randint(0, v, (n,), device=device)
-    coef_p = torch.full((n,), 1.0 / n, device=device)
-    return x, target, coef_p, -coef_p, torch.zeros_like(coef_p)
+class Buffers:
+    """The logits, gradient and per-row inputs every measurement shares (allocated once)."""
+
+    def __init__(self, n: int, v: int, device: torch.device, dtype: torch.dtype) -> None:
+        torch.manual_seed(0)
+        self.x = (torch.randn(n, v, device=device) * 2).to(dtype)
+        self.grad = torch.empty_like(self.x)
+        self.target = torch.randint(0, v, (n,), device=device)
+        coef_p = torch.full((n,), 1.0 / n, device=device)
+        self.coefs = (coef_p, -coef_p, torch.zeros_like(coef_p))
+        self.stats = ce._empty_stats(n, device, False)
+        self.lse = torch.zeros(n, device=device)
+        self.nbytes = self.x.numel() * self.x.element_size()
+
+    def moved(self) -> dict[str, int]:
+        """Bytes each row kernel must move at least (reads + writes of N x V elements)."""
+        return {"fused stats+grad": 2 * self.nbytes, "stats": self.nbytes, "grad": 2 * self.nbytes}
 
 
-def _launchers(x, grad, target, coefs, lse, stats, block, warps):
+def _launchers(buf: Buffers, block: int, warps: int):
     """The three row kernels with an explicit launch configuration (name -> callable)."""
+    x, grad, target, coefs, stats = buf.x, buf.grad, buf.target, buf.coefs, buf.stats
     n, v = x.shape
     common = dict(BLOCK=block, num_warps=warps)
 
@@ -112,21 +80,10 @@ def _launchers(x, grad, target, coefs, lse, stats, block, warps):
     def grad_only():
         launch(
             ce._ce_grad_kernel, (n,), x.device, x, x.stride(0), grad, grad.stride(0), target,
-            lse, *coefs, v, **common,
+            buf.lse, *coefs, v, **common,
         )  # fmt: skip
 
-    def fused_hinted():
-        launch(
-            _fused_hinted_kernel, (n,), x.device, x, x.stride(0), grad, grad.stride(0), target,
-            lse, *coefs, v, **common,
-        )  # fmt: skip
-
-    return {
-        "fused stats+grad": fused,
-        "fused, cache hints": fused_hinted,
-        "stats": stats_only,
-        "grad": grad_only,
-    }
+    return {"fused stats+grad": fused, "stats": stats_only, "grad": grad_only}
 
 
 def _row(name, ms, nbytes, note=""):
@@ -134,15 +91,11 @@ def _row(name, ms, nbytes, note=""):
     return f"| {name} | {ms:.3f} | {nbytes / 1e9:.2f} | {gbps:,.0f} | {note} |"
 
 
-def breakdown(args, device, dtype) -> str:
-    n, v = args.tokens, args.vocab
-    x, target, *coefs = _row_inputs(n, v, device, dtype)
-    nbytes = x.numel() * x.element_size()
-    grad = torch.empty_like(x)
-    stats = ce._empty_stats(n, device, False)
-    lse = torch.zeros(n, device=device)
+def breakdown(args, buf: Buffers, device, dtype) -> str:
+    (n, v), x, grad, target, nbytes = buf.x.shape, buf.x, buf.grad, buf.target, buf.nbytes
     block, warps = ce._block_and_warps(v)
-    kernels = _launchers(x, grad, target, coefs, lse, stats, block, warps)
+    kernels = _launchers(buf, block, warps)
+    moved = buf.moved()
     one = torch.ones((), device=device)
     half = torch.full((), 0.5, device=device)
     g_rows = torch.full((n,), 0.5, device=device)
@@ -156,12 +109,10 @@ def breakdown(args, device, dtype) -> str:
         "",
         "| step | time (ms) | GB moved (minimum) | GB/s | note |",
         "| --- | ---: | ---: | ---: | --- |",
-        _row("fused stats+grad kernel", measure(kernels["fused stats+grad"]), 2 * nbytes,
-             "reads the row twice (2nd mostly L2), writes the gradient"),
-        _row("same with cache hints (experiment)", measure(kernels["fused, cache hints"]),
-             2 * nbytes, "evict_last / evict_first loads, streaming store"),
-        _row("stats kernel", measure(kernels["stats"]), nbytes),
-        _row("grad kernel", measure(kernels["grad"]), 2 * nbytes),
+        _row("fused stats+grad kernel", measure(kernels["fused stats+grad"]),
+             moved["fused stats+grad"], "reads the row twice (2nd mostly L2), writes the gradient"),
+        _row("stats kernel", measure(kernels["stats"]), moved["stats"]),
+        _row("grad kernel", measure(kernels["grad"]), moved["grad"]),
         _row("scale_rows, incoming gradient 1", measure(lambda: ce.scale_rows(grad, one, "triton")),
              0, "skipped on the device"),
         _row("scale_rows, scalar 0.5", measure(lambda: ce.scale_rows(grad, half, "triton")),
@@ -201,23 +152,13 @@ def breakdown(args, device, dtype) -> str:
     return "\n".join(lines)
 
 
-def sweep(args, device, dtype) -> str:
-    n, v = args.tokens, args.vocab
-    x, target, *coefs = _row_inputs(n, v, device, dtype)
-    nbytes = x.numel() * x.element_size()
-    grad = torch.empty_like(x)
-    stats = ce._empty_stats(n, device, False)
-    lse = torch.zeros(n, device=device)
+def sweep(args, buf: Buffers, device, dtype) -> str:
+    n, v = buf.x.shape
     configs = SWEEP if not args.small else [(256, 4), (512, 4)]
-    moved = {
-        "fused stats+grad": 2 * nbytes,
-        "fused, cache hints": 2 * nbytes,
-        "stats": nbytes,
-        "grad": 2 * nbytes,
-    }
+    moved = buf.moved()
     times: dict[str, dict[tuple[int, int], float]] = {k: {} for k in moved}
     for block, warps in configs:
-        for name, fn in _launchers(x, grad, target, coefs, lse, stats, block, warps).items():
+        for name, fn in _launchers(buf, block, warps).items():
             try:
                 times[name][block, warps] = B.measure(
                     name, fn, device, args.warmup, args.iters
@@ -260,9 +201,10 @@ def main(argv=None) -> int:
         args.tokens, args.vocab, args.iters, args.warmup = 7, 1000, 1, 0
     dtype = B.bench_dtype(args.dtype, device)
     report = B.Report("Cross-entropy kernel breakdown and launch sweep", device)
-    report.add(breakdown(args, device, dtype))
+    buf = Buffers(args.tokens, args.vocab, device, dtype)
+    report.add(breakdown(args, buf, device, dtype))
     if not args.skip_sweep:
-        report.add(sweep(args, device, dtype))
+        report.add(sweep(args, buf, device, dtype))
     report.write(args.output)
     return 0
 
