@@ -110,7 +110,13 @@ def read_metadata(
             f"{path}: metadata sidecar not found for dataset prefix {prefix}; "
             "preprocess with tools/preprocess/preprocess_data.py (it writes it)"
         )
-    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (pa.ArrowException, OSError) as err:
+        raise MetadataError(
+            f"{path}: cannot read the metadata sidecar ({err}); re-run preprocessing (or the "
+            "tool that last wrote it), or restore the file"
+        ) from err
     if check_index:
         n_docs = index_document_count(prefix)
         if table.num_rows != n_docs:
@@ -119,7 +125,38 @@ def read_metadata(
                 "the sidecar belongs to another version of the dataset: re-run preprocessing "
                 "(or the tool that last wrote it)"
             )
+        check_rows_match_index(prefix, table if "n_tokens" in table.column_names else None)
     return table
+
+
+def check_rows_match_index(prefix: str | os.PathLike, table: pa.Table | None = None) -> None:
+    """Raise MetadataError unless row i's ``n_tokens`` is document i's length in the index:
+    rows in another order (or of another dataset with as many documents) would silently give
+    every document another's topic, PPL or source. No-op for sidecars without ``n_tokens``."""
+    from megatron_syne.preprocess.indexed import read_index  # (indexed imports this module)
+
+    path = metadata_path(prefix)
+    if table is None:
+        if "n_tokens" not in pq.read_schema(path).names:
+            return
+        table = pq.read_table(path, columns=["n_tokens"])
+    counts = table.column("n_tokens").to_numpy(zero_copy_only=False)
+    ix = read_index(prefix)
+    starts = ix.document_indices[:-1]
+    if len(ix.sequence_lengths) == len(starts):  # one sequence per document (preprocessing)
+        lengths = ix.sequence_lengths
+    else:
+        cumulative = np.concatenate([[0], np.cumsum(ix.sequence_lengths, dtype=np.int64)])
+        lengths = cumulative[ix.document_indices[1:]] - cumulative[starts]
+    wrong = np.flatnonzero(counts != lengths)
+    if len(wrong):
+        first = int(wrong[0])
+        raise MetadataError(
+            f"{path}: {len(wrong):,} of {len(counts):,} rows disagree with {prefix}.idx on the "
+            f"document's token count (first: row {first}, n_tokens={int(counts[first])}, index "
+            f"{int(lengths[first])}); the rows are in another order or belong to another "
+            "dataset: re-run preprocessing (or the tool that last wrote the sidecar)"
+        )
 
 
 def write_metadata(prefix: str | os.PathLike, table: pa.Table) -> Path:

@@ -64,8 +64,8 @@ class CorpusConfig:
     code_max_chars: int = 20_000
 
     def __post_init__(self) -> None:
-        if self.target_mb <= 0:
-            raise ValueError(f"--target-mb must be positive, got {self.target_mb}")
+        if not 0 < self.target_mb < float("inf"):
+            raise ValueError(f"--target-mb must be a positive number, got {self.target_mb}")
         unknown = set(self.shares) - set(SOURCE_LANG)
         if unknown:
             raise ValueError(f"unknown sources {sorted(unknown)}; known: {sorted(SOURCE_LANG)}")
@@ -178,6 +178,7 @@ class CorpusSummary:
     output: str
     documents: dict[str, int]
     bytes: dict[str, int]
+    budgets: dict[str, float] = field(default_factory=dict)  # bytes asked per source
 
     def format(self) -> str:
         lines = [f"{'source':<16}{'docs':>8}{'MB':>8}"]
@@ -186,6 +187,12 @@ class CorpusSummary:
         lines.append(
             f"{'total':<16}{sum(self.documents.values()):>8}{sum(self.bytes.values()) / 1e6:>8.2f}"
         )
+        for source, budget in self.budgets.items():
+            if self.bytes[source] < budget:
+                lines.append(
+                    f"note: {source} has only {self.bytes[source] / 1e6:.2f} MB of text in the "
+                    f"installed packages ({budget / 1e6:.2f} MB asked); the corpus is smaller"
+                )
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 
@@ -195,9 +202,9 @@ def build_demo_corpus(config: CorpusConfig) -> CorpusSummary:
     total_share = sum(config.shares.values())
     generators = source_generators(config)
     records: list[dict] = []
-    documents, sizes = {}, {}
+    documents, sizes, budgets = {}, {}, {}
     for source, share in config.shares.items():
-        budget = config.target_mb * 1e6 * share / total_share
+        budget = budgets[source] = config.target_mb * 1e6 * share / total_share
         candidates = list(generators[source]())
         random.Random(f"{config.seed}-{source}").shuffle(candidates)
         used, count = 0, 0
@@ -213,4 +220,4 @@ def build_demo_corpus(config: CorpusConfig) -> CorpusSummary:
     with atomic_open(config.output, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return CorpusSummary(config.output, documents, sizes)
+    return CorpusSummary(config.output, documents, sizes, budgets)

@@ -14,7 +14,11 @@ import json.scanner
 from dataclasses import dataclass
 from enum import StrEnum
 
-from megatron_syne.data.metadata import text_hash
+from megatron_syne.data.metadata import CORE_COLUMNS, text_hash
+
+# Sidecar columns copied from the input records (when present), and those preprocessing computes.
+CORE_METADATA_KEYS = ("lang", "source", "topic")
+WRITTEN_COLUMNS = tuple(c for c in CORE_COLUMNS if c not in CORE_METADATA_KEYS)
 
 
 class RejectReason(StrEnum):
@@ -48,6 +52,19 @@ class ValidationConfig:
         clash = set(self.json_keys) & set(self.metadata_keys)
         if clash:
             raise ValueError(f"keys {sorted(clash)} are both --json-keys and --metadata-keys")
+        for flag, keys in (
+            ("--json-keys", self.json_keys),
+            ("--metadata-keys", self.metadata_keys),
+        ):
+            repeated = sorted({k for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise ValueError(f"{flag} names {repeated} more than once; give each key once")
+        reserved = sorted(set(self.metadata_keys) & set(WRITTEN_COLUMNS))
+        if reserved:
+            raise ValueError(
+                f"--metadata-keys {reserved}: these columns are written by preprocessing itself "
+                f"({', '.join(WRITTEN_COLUMNS)}); rename the field in your input or leave it out"
+            )
 
 
 @dataclass(slots=True)
@@ -77,6 +94,13 @@ def reject_record(
     return record
 
 
+def _as_text(value) -> str:
+    """A non-string metadata value as the string column stores it: JSON (``true``, ``3``,
+    ``["en", "zh"]``), so lists and objects stay readable by any tool; other types (dates
+    from Parquet) as ``str``."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 _scan_json = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner json.loads runs
 _EMPTY_TEXT_HASH = text_hash("")
 
@@ -99,7 +123,7 @@ class Validator:
         try:
             text = raw.decode("utf-8")
             record, end = _scan_json(text, 0)
-        except (UnicodeDecodeError, ValueError, StopIteration):
+        except (UnicodeDecodeError, ValueError, StopIteration, RecursionError):
             return self._from_line_checked(number, raw)
         # No NUL check here: strict JSON has no raw control character, so a line holding one
         # failed the scan above; an escaped one (\u0000) is caught in from_record.
@@ -122,6 +146,15 @@ class Validator:
             record = json.loads(text)
         except ValueError as err:
             return reject_record(self.file, number, RejectReason.MALFORMED_JSON, str(err), text)
+        except RecursionError:  # valid JSON perhaps, but deeper than Python's parser goes
+            return reject_record(
+                self.file,
+                number,
+                RejectReason.MALFORMED_JSON,
+                "JSON nested too deeply to parse (arrays or objects about 1,000 levels deep); "
+                "flatten the record",
+                text,
+            )
         if not isinstance(record, dict):
             return reject_record(
                 self.file,
@@ -152,7 +185,7 @@ class Validator:
             value = record.get(key)
             if value is None:
                 value = default
-            metadata[key] = value if value is None or type(value) is str else str(value)
+            metadata[key] = value if value is None or type(value) is str else _as_text(value)
         return Document(number, tuple(texts), tuple(hashes), metadata)
 
     def _from_record_checked(
@@ -191,5 +224,5 @@ class Validator:
             value = record.get(key)
             if value is None:
                 value = self.defaults.get(key)
-            metadata[key] = value if value is None or isinstance(value, str) else str(value)
+            metadata[key] = value if value is None or isinstance(value, str) else _as_text(value)
         return Document(number, tuple(texts), tuple(hashes), metadata)

@@ -128,6 +128,21 @@ def read_index(prefix: str | os.PathLike) -> IndexArrays:
     return IndexArrays(CODE_DTYPES[code], lengths, pointers, documents)
 
 
+def check_bin_size(prefix: str | os.PathLike, ix: IndexArrays) -> None:
+    """Raise IndexedDataError unless ``prefix``.bin holds exactly the tokens its index lists."""
+    path = bin_path(prefix)
+    if not path.is_file():
+        raise IndexedDataError(f"{path}: not found (its index {idx_path(prefix)} exists)")
+    expected = int(ix.sequence_lengths.sum(dtype=np.int64)) * np.dtype(ix.dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise IndexedDataError(
+            f"{path}: {actual:,} bytes, but {idx_path(prefix)} describes {expected:,}: the .bin "
+            "is truncated or belongs to another version of the dataset; re-copy it or re-run "
+            "preprocessing"
+        )
+
+
 def write_index(
     path: str | os.PathLike,
     dtype: type,

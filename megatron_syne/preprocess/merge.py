@@ -41,7 +41,16 @@ def resolve_prefixes(specs: list[str]) -> list[str]:
                 raise IndexedDataError(f"{found[0]}.idx not found: pass a dataset prefix")
         if not found:
             raise IndexedDataError(f"--input {spec}: matched no .idx files")
-        prefixes.extend(p for p in found if p not in prefixes)
+        prefixes.extend(found)
+    seen: dict[str, str] = {}
+    for prefix in prefixes:
+        real = os.path.realpath(f"{prefix}.idx")
+        if real in seen:
+            raise IndexedDataError(
+                f"dataset {prefix} is given twice (also as {seen[real]}): each input is merged "
+                "once; remove the repeat (or merge it with itself on purpose by copying it)"
+            )
+        seen[real] = prefix
     return prefixes
 
 
@@ -84,10 +93,12 @@ class MergeSummary:
     tokens: int
     duplicates: int
     rejects_path: str | None
+    metadata: bool = True
 
     def format(self) -> str:
+        files = ".bin/.idx/.meta.parquet" if self.metadata else ".bin/.idx"
         text = (
-            f"merged {self.inputs} datasets -> {self.output_prefix}.bin/.idx/.meta.parquet: "
+            f"merged {self.inputs} datasets -> {self.output_prefix}{files}: "
             f"{self.documents:,} documents, {self.tokens:,} tokens"
         )
         if self.rejects_path:
@@ -103,6 +114,13 @@ def merge_datasets(
         raise ValueError(f"--dedup must be 'exact' or 'none', got {dedup!r}")
     if dedup == "exact" and not metadata:
         raise ValueError("--dedup exact needs the metadata sidecars (their hash column)")
+    outputs = {os.path.realpath(f"{output_prefix}{s}") for s in (".bin", ".idx")}
+    for prefix in inputs:
+        if {os.path.realpath(f"{prefix}{s}") for s in (".bin", ".idx")} & outputs:
+            raise IndexedDataError(
+                f"--output-prefix {output_prefix} is the input {prefix} (the same files): "
+                "write the merge to a new prefix"
+            )
     keep, records, rejects_path = None, [], None
     if dedup == "exact":
         keep, records = exact_duplicates(inputs)
@@ -113,5 +131,11 @@ def merge_datasets(
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return MergeSummary(
-        output_prefix, len(inputs), result.documents, result.tokens, len(records), rejects_path
+        output_prefix,
+        len(inputs),
+        result.documents,
+        result.tokens,
+        len(records),
+        rejects_path,
+        metadata,
     )

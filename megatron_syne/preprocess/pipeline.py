@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from megatron_syne.data.metadata import metadata_path, metadata_schema
 from megatron_syne.preprocess.documents import (
+    CORE_METADATA_KEYS,
     Document,
     RejectReason,
     ValidationConfig,
@@ -73,28 +74,13 @@ from megatron_syne.preprocess.readers import (
 from megatron_syne.preprocess.tokenizers import TokenizerSpec, tokenizer_files
 from megatron_syne.utils.io import atomic_open, atomic_path
 
-CORE_METADATA_KEYS = ("lang", "source", "topic")
 MIN_UNIT_BYTES = 256 << 10
 BATCH_MAX_CHARS = 4_000_000  # characters per encode_batch call, whatever --batch-size says
-FORMAT_VERSION = 1  # bump when unit output bytes change, so stale partitions are redone
+FORMAT_VERSION = 2  # bump when unit output bytes change, so stale partitions are redone
 
 
 class PreprocessError(RuntimeError):
     """The run cannot finish (too many rejects, bad inputs); the message says what to do."""
-
-
-def slurm_shard_defaults(environ: dict[str, str] | None = None) -> tuple[int, int]:
-    """(num_shards, shard_index) of a Slurm array task, or (1, 0) outside one.
-
-    Uses SLURM_ARRAY_TASK_COUNT and SLURM_ARRAY_TASK_ID (offset by SLURM_ARRAY_TASK_MIN, so
-    ``--array=1-16`` and ``--array=0-15`` both give indices 0..15).
-    """
-    env = os.environ if environ is None else environ
-    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
-        return 1, 0
-    count = int(env["SLURM_ARRAY_TASK_COUNT"])
-    index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return count, index
 
 
 @dataclass
@@ -130,6 +116,11 @@ class PreprocessConfig:
         self.metadata_defaults = tuple((str(k), str(v)) for k, v in self.metadata_defaults)
         if not self.input:
             raise ValueError("--input: give at least one file, glob or directory")
+        if not self.output_prefix or self.output_prefix.endswith(("/", os.sep)):
+            raise ValueError(
+                f"--output-prefix {self.output_prefix!r} names no file: give a directory and a "
+                "name, e.g. out/web-cn (writes out/web-cn_text_document.bin/.idx)"
+            )
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.partitions < 1:
@@ -195,10 +186,14 @@ class UnitStats:
     tokens: dict[str, int] = field(default_factory=dict)  # per json key, EOD/BOS included
     characters: dict[str, int] = field(default_factory=dict)
     rejects: dict[str, int] = field(default_factory=dict)  # reason -> count
+    # Compressed bytes after corrupt data (lines that could not be decoded, so not counted in
+    # records): they count against --max-reject-fraction as a share of the input bytes.
+    unread_bytes: int = 0
 
     def add(self, other: UnitStats) -> None:
         self.records += other.records
         self.documents += other.documents
+        self.unread_bytes += other.unread_bytes
         for mine, theirs in (
             (self.tokens, other.tokens),
             (self.characters, other.characters),
@@ -242,8 +237,15 @@ class PreprocessSummary:
             f"{self.stats.documents - self.duplicates:,}  "
             f"rejected: {self.rejected:,}  duplicates dropped: {self.duplicates:,}",
         ]
+        if self.stats.records == 0:
+            lines.append("  note: the input holds no records (empty files): the dataset is empty")
         for reason, count in sorted(self.stats.rejects.items()):
             lines.append(f"  reject {reason}: {count:,}")
+        if self.stats.unread_bytes:
+            lines.append(
+                f"  corrupt compressed data: {self.stats.unread_bytes:,} bytes could not be "
+                "decoded (see corrupt_stream in the rejects file)"
+            )
         for k, prefix in self.output_prefixes.items():
             lines.append(f"{k}: {self.stats.tokens.get(k, 0):,} tokens -> {prefix}.bin/.idx")
         lines.append(f"rejects: {self.rejects_path}")
@@ -312,14 +314,28 @@ def _iter_unit_records(unit: WorkUnit, validator: Validator, config: PreprocessC
                 if line.corrupt
                 else "compressed stream ends before its end marker"
             )
-            yield reject_record(
+            where = (
+                f"after line {line.number - 1}; this is the partial last line"
+                if line.number > 1
+                else "before the first line (is it really compressed as its extension says?)"
+            )
+            lost = ""
+            if line.unread_bytes:
+                size = max(os.path.getsize(unit.path), 1)
+                lost = (
+                    f"; {line.unread_bytes:,} of {size:,} compressed bytes "
+                    f"({line.unread_bytes / size:.0%}) could not be decoded"
+                )
+            record = reject_record(
                 unit.path,
                 line.number,
                 RejectReason.CORRUPT_STREAM if line.corrupt else RejectReason.TRUNCATED_STREAM,
-                f"{problem} after line {line.number - 1}; this is the partial last line, the "
-                "rest of the file is unreadable: re-copy or re-download the file",
+                f"{problem} {where}{lost}; the rest of the file is unreadable: re-copy or "
+                "re-download the file",
                 line.raw,
             )
+            record["unread_bytes"] = line.unread_bytes
+            yield record
         else:
             yield validator.from_line(line.number, line.raw)
 
@@ -409,6 +425,7 @@ def process_unit(task: UnitTask) -> UnitStats:
                     pending_chars = 0
             else:
                 rejects[item["reason"]] += 1
+                stats.unread_bytes += item.get("unread_bytes", 0)
                 reject_file.write(json.dumps(item, ensure_ascii=False) + "\n")
         if pending:
             flush()
@@ -702,14 +719,30 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
 
         rejected = sum(total.rejects.values())
         fraction = rejected / total.records if total.records else 0.0
-        if fraction > config.max_reject_fraction:
+        # Corrupt compressed data hides an unknown number of lines: its share of the input
+        # bytes counts against the same limit, so a half-unreadable corpus cannot pass.
+        unread_fraction = total.unread_bytes / total_bytes if total_bytes else 0.0
+        if max(fraction, unread_fraction) > config.max_reject_fraction:
             _concatenate_rejects(unit_rejects, [], config.rejects_path)
+            stale = _remove_final_outputs(config)
             reasons = ", ".join(f"{r}={c}" for r, c in sorted(total.rejects.items()))
+            what = f"{rejected} of {total.records} input records rejected ({fraction:.2%})"
+            if total.unread_bytes:
+                what += (
+                    f", and {total.unread_bytes:,} of {total_bytes:,} input bytes "
+                    f"({unread_fraction:.2%}) are corrupt compressed data that could not be "
+                    "decoded"
+                )
             raise PreprocessError(
-                f"{rejected} of {total.records} input records rejected ({fraction:.2%}) > "
-                f"--max-reject-fraction {config.max_reject_fraction:.2%} ({reasons}); see "
-                f"{config.rejects_path}. Fix the inputs or raise --max-reject-fraction; "
+                f"{what} > --max-reject-fraction {config.max_reject_fraction:.2%} ({reasons}); "
+                f"see {config.rejects_path}. Fix the inputs or raise --max-reject-fraction; "
                 f"finished units are kept in {parts_dir} and reused by the next run"
+                + (
+                    f". Removed the outputs of an earlier run at this prefix ({', '.join(stale)}) "
+                    "so they cannot be taken for this run's"
+                    if stale
+                    else ""
+                )
             )
         if config.dedup is None:
             if merged != len(tasks):  # every unit finished, so every unit was appended
@@ -719,7 +752,10 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
         else:
             keep, duplicates_records = exact_duplicates(unit_prefixes[config.json_keys[0]])
             for key in config.json_keys:
-                merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
+                result = merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
+                # The counts describe what was written: without the dropped duplicates.
+                total.tokens[key] = result.tokens
+                total.characters[key] = _kept_characters(unit_prefixes[key], keep)
     _concatenate_rejects(unit_rejects, duplicates_records, config.rejects_path)
     if not config.keep_partitions:
         # Manifests first: a run killed during this cleanup never leaves a manifest whose
@@ -738,6 +774,27 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
         duplicates=len(duplicates_records),
         seconds=time.perf_counter() - start_time,
     )
+
+
+def _remove_final_outputs(config: PreprocessConfig) -> list[str]:
+    """Delete the dataset files an earlier run left at this prefix; their names."""
+    removed = []
+    for key in config.json_keys:
+        prefix = config.dataset_prefix(key)
+        for path in (bin_path(prefix), idx_path(prefix), metadata_path(prefix)):
+            if path.is_file():
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def _kept_characters(prefixes: list[str], keep: list[np.ndarray]) -> int:
+    """Characters of the documents that ``keep`` selects, from the units' ``n_chars``."""
+    total = 0
+    for prefix, mask in zip(prefixes, keep):
+        n_chars = pq.read_table(metadata_path(prefix), columns=["n_chars"]).column(0)
+        total += int(n_chars.to_numpy()[mask].sum(dtype=np.int64))
+    return total
 
 
 def _concatenate_rejects(parts: list[Path], extra: list[dict], final: Path) -> None:

@@ -133,9 +133,7 @@ def plan_units(
             for (start, first_line), (end, _) in zip(cuts[:-1], cuts[1:]):
                 units.append(WorkUnit(len(units), path, fmt, start, end, end - start, first_line))
         elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            metadata = pq.ParquetFile(path).metadata
+            metadata = _open_parquet(path).metadata
             group_start, group_bytes = 0, 0
             for group in range(metadata.num_row_groups):
                 group_bytes += metadata.row_group(group).total_byte_size
@@ -168,11 +166,14 @@ def assign_shard(files: list[str], num_shards: int, shard_index: int) -> list[st
 
 class TruncatedStreamError(Exception):
     """A compressed stream ended before its end marker (a file cut during copy or download),
-    or its data is corrupt (``corrupt`` is True): nothing after the last good byte is readable."""
+    or its data is corrupt (``corrupt`` is True): nothing after the last good byte is readable.
+    ``unread_bytes``: compressed bytes of the file from the failing read on (0 for a cut file,
+    whose missing part is not on disk to count)."""
 
-    def __init__(self, message: str, corrupt: bool = False) -> None:
+    def __init__(self, message: str, corrupt: bool = False, unread_bytes: int = 0) -> None:
         super().__init__(message)
         self.corrupt = corrupt
+        self.unread_bytes = unread_bytes
 
 
 def _decompressed_chunks(path: str, fmt: str) -> Iterator[bytes]:
@@ -199,8 +200,9 @@ def _decompressed_chunks(path: str, fmt: str) -> Iterator[bytes]:
             try:
                 out = decoder.decompress(data)
             except Exception as err:  # zlib.error / zstandard.ZstdError: corrupt data
+                unread = os.fstat(f.fileno()).st_size - (f.tell() - len(data))
                 raise TruncatedStreamError(
-                    f"{path}: corrupt compressed data ({err})", True
+                    f"{path}: corrupt compressed data ({err})", True, unread
                 ) from err
             if out:
                 yield out
@@ -224,6 +226,7 @@ class Line:
     raw: bytes  # without the line terminator
     truncated: bool = False  # the rest of a line cut by a truncated compressed stream
     corrupt: bool = False  # ... cut by corrupt compressed data instead
+    unread_bytes: int = 0  # compressed bytes after the corruption (see TruncatedStreamError)
 
 
 class _LineSplitter:
@@ -248,8 +251,25 @@ class _LineSplitter:
         return b"".join(self._pieces)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
-    """Lines of a JSONL unit, numbered as in the whole file. Memory: one read chunk + one line."""
+    """Lines of a JSONL unit, numbered as in the whole file. Memory: one read chunk + one line.
+
+    A UTF-8 byte order mark at the start of a file (Windows tools write one) is not part of
+    its first line."""
+    lines = _iter_jsonl_lines(unit)
+    if unit.start == 0:
+        for line in lines:
+            if line.raw.startswith(_UTF8_BOM):
+                line.raw = line.raw[len(_UTF8_BOM) :]
+            yield line
+            break
+    yield from lines
+
+
+def _iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
     if unit.fmt == "jsonl" and unit.end is not None:
         yield from _iter_plain_range(unit.path, unit.start, unit.end, unit.first_line)
         return
@@ -261,7 +281,13 @@ def iter_jsonl_lines(unit: WorkUnit) -> Iterator[Line]:
                 number += 1
                 yield Line(number, raw)
     except TruncatedStreamError as err:
-        yield Line(number + 1, splitter.rest, truncated=True, corrupt=err.corrupt)
+        yield Line(
+            number + 1,
+            splitter.rest,
+            truncated=True,
+            corrupt=err.corrupt,
+            unread_bytes=err.unread_bytes,
+        )
         return
     if rest := splitter.rest:
         yield Line(number + 1, rest)
@@ -322,11 +348,24 @@ def line_aligned_cuts(
     return cuts
 
 
-def iter_parquet_rows(unit: WorkUnit, columns: list[str], batch_rows: int) -> Iterator[list[dict]]:
-    """Rows of a Parquet unit as dicts with an ``__line__`` (1-based row in the file) entry."""
+def _open_parquet(path: str):
+    """``pq.ParquetFile(path)``, with an error that names the file when it is not Parquet."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(unit.path)
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(
+            f"{path}: not a readable Parquet file ({err}); re-copy it, or remove it from --input"
+        ) from err
+
+
+def iter_parquet_rows(unit: WorkUnit, columns: list[str], batch_rows: int) -> Iterator[list[dict]]:
+    """Rows of a Parquet unit as dicts with an ``__line__`` (1-based row in the file) entry."""
+    import pyarrow as pa
+
+    parquet = _open_parquet(unit.path)
     available = set(parquet.schema_arrow.names)
     first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
     groups = list(range(unit.start, unit.end if unit.end is not None else 0))
@@ -334,7 +373,19 @@ def iter_parquet_rows(unit: WorkUnit, columns: list[str], batch_rows: int) -> It
         return
     wanted = [c for c in columns if c in available]
     row = first_row
-    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=wanted):
+    batches = parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=wanted)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:
+            # Corrupt pages: the rows cannot be read, so they cannot be rejected one by one.
+            raise InputError(
+                f"{unit.path}: rows after row {row} (row groups {groups[0]}-{groups[-1]}) "
+                f"cannot be read ({err}); the file is corrupt: re-copy it, or remove it from "
+                "--input"
+            ) from err
+        if batch is None:
+            return
         records = batch.to_pylist()
         for record in records:
             row += 1
@@ -343,6 +394,4 @@ def iter_parquet_rows(unit: WorkUnit, columns: list[str], batch_rows: int) -> It
 
 
 def parquet_columns(path: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return list(pq.ParquetFile(path).schema_arrow.names)
+    return list(_open_parquet(path).schema_arrow.names)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megatron_syne.data.metadata import read_metadata
-from megatron_syne.preprocess.indexed import bin_path, read_index
+from megatron_syne.preprocess.indexed import bin_path, check_bin_size, read_index
 
 
 @dataclass
@@ -53,6 +53,7 @@ def group_counts(table: pa.Table, column: str) -> GroupCounts:
 def document_tokens(prefix: str | os.PathLike, index: int) -> np.ndarray:
     """Token ids of document ``index`` (0-based), read through the index without loading all."""
     ix = read_index(prefix)
+    check_bin_size(prefix, ix)
     start = int(ix.document_indices[index])
     length = int(ix.sequence_lengths[start])
     data = np.memmap(bin_path(prefix), dtype=ix.dtype, mode="r")
@@ -62,14 +63,21 @@ def document_tokens(prefix: str | os.PathLike, index: int) -> np.ndarray:
 
 def summarize(prefix: str | os.PathLike, by: tuple[str, ...] = ("lang", "source", "topic")):
     """(documents, tokens, per-column GroupCounts) of a dataset with its metadata sidecar."""
+    ix = read_index(prefix)  # first: a wrong prefix is reported as such
+    check_bin_size(prefix, ix)
     table = read_metadata(prefix)
-    ix = read_index(prefix)
+    unknown = [c for c in by if c not in table.column_names]
+    if unknown:
+        raise ValueError(
+            f"--by {' '.join(unknown)}: no such metadata column in {prefix}; it has "
+            f"{', '.join(table.column_names)}"
+        )
     if int(pc.sum(table.column("n_tokens")).as_py() or 0) != ix.num_tokens:
         raise ValueError(
             f"{prefix}: metadata n_tokens sum differs from the index; the sidecar belongs to "
             "another version of the dataset -- re-run preprocessing"
         )
-    groups = [group_counts(table, c) for c in by if c in table.column_names]
+    groups = [group_counts(table, c) for c in by]
     return ix.num_documents, ix.num_tokens, groups, table
 
 

@@ -7,6 +7,7 @@ import json
 import random
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from megatron_syne.data.metadata import metadata_schema
@@ -51,6 +52,16 @@ TRICKY_LINES = [
     b'{"text": "\\t\\n"}',
     b'{"text": "ab\\u0301c e\\u0301"}',
     '{"text": "中文 文本\u3000结束", "source": "news-cn"}'.encode(),
+    # Metadata that is not a string: numbers past 64 bits, floats, lists, booleans.
+    b'{"text": "neg big", "source": -9223372036854775809}',
+    b'{"text": 123456789012345678901234567890}',
+    b'{"text": "nested", "topic": {"a": 123456789012345678901234567890}}',
+    b'{"text": "float metadata", "lang": 0.1}',
+    b'{"text": "list metadata", "topic": [1, 2.5, "x"]}',
+    b'{"text": "bool metadata", "lang": true, "source": 18446744073709551615}',
+    # Nesting deeper than Python's parser goes: a reject, not a crash of the worker.
+    b"[" * 5000 + b"]" * 5000,
+    b'{"text": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
 ]
 
 
@@ -86,6 +97,33 @@ def test_fast_validation_equals_full_checks(json_keys):
             accepted += 1
             assert fast.metadata["lang"] is not None
     assert accepted >= (8 if len(json_keys) == 1 else 5)
+    deep = validator.from_line(1, b'{"text": "x", "y": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert deep["reason"] == "malformed_json" and "nested too deeply" in deep["detail"]
+
+
+def test_byte_order_mark_and_non_string_metadata(tmp_path):
+    import gzip
+
+    from megatron_syne.preprocess.pipeline import PreprocessConfig, run_preprocess
+
+    body = b'{"text": "first", "lang": ["en", "zh"]}\n{"text": "second", "source": true}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body)
+    (tmp_path / "bom.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + body, mtime=0))
+    for name in ("bom.jsonl", "bom.jsonl.gz"):
+        (unit,) = readers.plan_units([str(tmp_path / name)], 1 << 30)
+        assert [line.raw for line in readers.iter_jsonl_lines(unit)] == body.split(b"\n")[:2]
+    summary = run_preprocess(
+        PreprocessConfig(
+            input=(str(tmp_path / "bom.jsonl"),),
+            output_prefix=str(tmp_path / "out"),
+            progress=False,
+        )
+    )
+    assert summary.rejected == 0 and summary.stats.documents == 2
+    table = pq.read_table(tmp_path / "out_text_document.meta.parquet")
+    # Non-string metadata is stored as JSON text, readable by any tool.
+    assert table.column("lang").to_pylist() == ['["en", "zh"]', None]
+    assert table.column("source").to_pylist() == [None, "true"]
 
 
 def test_chunked_plain_range_reader(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_syne.data.metadata import read_metadata, text_hash
-from megatron_syne.preprocess.pipeline import PreprocessConfig, run_preprocess, slurm_shard_defaults
+from megatron_syne.preprocess.pipeline import PreprocessConfig, run_preprocess
+from megatron_syne.utils.slurm import slurm_shard_defaults
 from tests.preprocess._data import output_files, read_input_records
 
 
@@ -99,9 +100,48 @@ def test_dedup_exact(corpus_dir, tmp_path, tokenizer):
     assert summary.duplicates == 2
     dataset = IndexedDataset(f"{tmp_path}/d_text_document")
     assert len(dataset) == 50
+    # The summary counts what was written, not the dropped duplicates.
+    assert summary.stats.tokens["text"] == int(dataset.sequence_lengths.sum())
+    assert summary.stats.characters["text"] == sum(len(r["text"]) for r in records)
+    assert f"text: {int(dataset.sequence_lengths.sum()):,} tokens" in summary.format()
     rejects = (tmp_path / "d.rejects.jsonl").read_text().splitlines()
     assert [r for r in rejects if '"duplicate"' in r] and len(rejects) == 2
     assert '"line": 51' in rejects[0] and '"duplicate_of": {"file"' in rejects[0]
+
+
+def test_keys_that_would_clash_are_refused(tmp_path):
+    for overrides, message in [
+        ({"json_keys": ("text", "text")}, "--json-keys names"),
+        ({"metadata_keys": ("lang", "hash")}, "written by preprocessing itself"),
+        ({"metadata_keys": ("input_line",)}, "written by preprocessing itself"),
+        ({"output_prefix": ""}, "names no file"),
+        ({"output_prefix": f"{tmp_path}/out/"}, "names no file"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PreprocessConfig(**{"input": ("x.jsonl",), "output_prefix": "o", **overrides})
+
+
+def test_sidecar_rows_out_of_order_are_refused(tmp_path):
+    import pyarrow.parquet as pq
+
+    from megatron_syne.data.metadata import MetadataError, metadata_path
+    from tests.preprocess._data import make_records, write_jsonl
+
+    data = tmp_path / "in"
+    data.mkdir()
+    write_jsonl(data / "x.jsonl", make_records(40, seed=3))
+    _run(data, tmp_path / "d")
+    prefix = f"{tmp_path}/d_text_document"
+    assert read_metadata(prefix, columns=["lang"]).num_rows == 40  # in order: accepted
+    table = pq.read_table(metadata_path(prefix))
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    pq.write_table(table.take(order), metadata_path(prefix))
+    # Same row count, rows of other documents: every later tool would mislabel documents.
+    with pytest.raises(MetadataError, match="rows disagree with .*token count"):
+        read_metadata(prefix, columns=["lang"])
+    metadata_path(prefix).write_bytes(b"not parquet")
+    with pytest.raises(MetadataError, match="cannot read the metadata sidecar"):
+        read_metadata(prefix)
 
 
 def test_metadata_defaults_and_extra_keys(tmp_path):
@@ -126,3 +166,5 @@ def test_slurm_shard_defaults():
     assert slurm_shard_defaults({}) == (1, 0)
     env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "16", "SLURM_ARRAY_TASK_MIN": "1"}
     assert slurm_shard_defaults(env) == (16, 4)
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID='abc' is not an integer"):
+        slurm_shard_defaults({**env, "SLURM_ARRAY_TASK_ID": "abc"})

@@ -141,3 +141,31 @@ def test_corrupt_gzip_keeps_what_decodes(tmp_path):
     assert 1000 < kept < 2000  # everything decoded before the corrupt 64 KiB piece is kept
     hashes = read_metadata(f"{tmp_path}/out_text_document").column("hash").to_pylist()
     assert hashes == [text_hash(json.loads(line)["text"]) for line in lines[:kept]]
+    # What could not be decoded is measured in bytes, and counts against the reject limit.
+    unread = rejects[0]["unread_bytes"]
+    assert len(data) - middle <= unread <= len(data) - middle + 64 * 1024
+    assert summary.stats.unread_bytes == unread and "could not be decoded" in summary.format()
+    # A file that is not gzip at all, next to a good one: one reject, but half the input
+    # bytes are unreadable, so the default 1% limit fails the run and says why.
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines[:500]) + "\n")
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(good.read_bytes())  # plain text under a .gz name
+    with pytest.raises(PreprocessError, match="input bytes .* could not be decoded"):
+        run_preprocess(_config([good, fake], tmp_path / "two", max_chars=10_000))
+    (record,) = [json.loads(r) for r in (tmp_path / "two.rejects.jsonl").read_text().splitlines()]
+    assert record["reason"] == "corrupt_stream" and "before the first line" in record["detail"]
+    assert record["unread_bytes"] == fake.stat().st_size
+
+
+def test_failed_run_removes_an_earlier_runs_outputs(bad_inputs, tmp_path):
+    plain, _, lines = bad_inputs
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(GOOD) + "\n")
+    run_preprocess(_config([good], tmp_path / "out"))
+    assert (tmp_path / "out_text_document.bin").is_file()
+    with pytest.raises(PreprocessError, match="Removed the outputs of an earlier run"):
+        run_preprocess(_config([plain], tmp_path / "out", max_reject_fraction=0.1))
+    # Only this run's rejects are left at the prefix: no dataset from other inputs beside them.
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out"))
+    assert left == ["out.parts", "out.rejects.jsonl"]

@@ -149,10 +149,16 @@ def test_merge_with_dedup_drops_the_second_copy(reference, tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # resolve_prefixes de-duplicates the same prefix given twice: merge a real copy instead.
-    assert "merged 1 datasets" in proc.stdout
+    # The same dataset twice (however spelled) is refused, never merged once or twice silently.
+    assert proc.returncode != 0 and "is given twice" in proc.stderr, proc.stderr[-3000:]
     from megatron_syne.preprocess.merge import merge_datasets
+
+    # An output that is an input under another spelling is refused before anything is written.
+    other_spelling = str(Path(prefix).parent / ".." / Path(prefix).parent.name / Path(prefix).name)
+    before = Path(f"{prefix}.bin").read_bytes()
+    with pytest.raises(Exception, match="is the input"):
+        merge_datasets([prefix], other_spelling)
+    assert Path(f"{prefix}.bin").read_bytes() == before
 
     summary = merge_datasets([prefix, prefix], str(merged), dedup="exact")
     assert summary.duplicates == len(IndexedDataset(prefix))

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--plot", default=None, help="write a PNG of document lengths per source")
     args = p.parse_args(argv)
+    if args.samples < 0:
+        p.error(f"--samples must be >= 0, got {args.samples}")
+    if args.sample_tokens < 1:
+        p.error(f"--sample-tokens must be >= 1, got {args.sample_tokens}")
     try:
         documents, tokens, groups, table = summarize(args.data_path, tuple(args.by))
         tokenizer = (
@@ -55,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(shown + (" [...]" if len(ids) > args.sample_tokens else ""))
     if args.plot:
-        plot_lengths(table, "source", args.plot)
+        try:
+            plot_lengths(table, "source", args.plot)
+        except OSError as err:
+            print(f"error: --plot {args.plot}: cannot write it ({err})", file=sys.stderr)
+            return 2
         print(f"\nwrote {args.plot}")
     return 0
 

@@ -14,6 +14,8 @@ import argparse
 import sys
 import time
 
+import pyarrow as pa
+
 from megatron_syne.data.metadata import MetadataError
 from megatron_syne.preprocess.indexed import IndexedDataError
 from megatron_syne.preprocess.merge import merge_datasets, resolve_prefixes
@@ -51,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, IndexedDataError, MetadataError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except pa.ArrowException as err:  # sidecars whose columns cannot be concatenated
+        print(
+            f"error: the inputs' metadata sidecars do not fit together ({err}); make the "
+            "named column the same type in every input, or merge with --no-metadata",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as err:
+        print(f"error: {err}; check that --output-prefix is writable", file=sys.stderr)
         return 2
     for prefix in inputs:
         print(f"  input: {prefix}")

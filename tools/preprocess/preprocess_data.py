@@ -20,10 +20,10 @@ from megatron_syne.preprocess.pipeline import (
     PreprocessConfig,
     PreprocessError,
     run_preprocess,
-    slurm_shard_defaults,
 )
 from megatron_syne.preprocess.readers import InputError
 from megatron_syne.preprocess.tokenizers import TOKENIZER_TYPES, TokenizerError
+from megatron_syne.utils.slurm import slurm_shard_defaults
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--partitions",
         type=int,
         default=1,
-        help="cut each plain JSONL file into at least this many work units",
+        help="cut each plain JSONL file into at least this many work units (of at least "
+        "64 KiB each, so a small file gets fewer)",
     )
     g.add_argument(
         "--partition-bytes",
@@ -146,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ValueError as err:  # a malformed Slurm environment (the shard defaults)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         config = PreprocessConfig(
             input=tuple(args.input),
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_preprocess(config)
     except (ValueError, InputError, TokenizerError, PreprocessError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output directory that cannot be created or written, ...
+        print(f"error: {err}; check --input and that --output-prefix is writable", file=sys.stderr)
         return 2
     print(summary.format())
     return 0

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = CorpusConfig(args.output, args.target_mb, args.seed, dict(args.shares))
         summary = build_demo_corpus(config)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an --output that cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.format())
