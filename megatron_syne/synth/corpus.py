@@ -45,6 +45,14 @@ def to_corpus(
     written once; unusable lines go to ``rejects`` with the reason (file:line)."""
     output = Path(output)
     rejects = Path(rejects) if rejects else output.with_name(output.stem + ".rejects.jsonl")
+    if output.resolve() == rejects.resolve():
+        raise ValueError(f"to_corpus: --rejects {rejects} is the --output file; give another name")
+    for path in inputs:
+        if Path(path).resolve() in (output.resolve(), rejects.resolve()):
+            raise ValueError(
+                f"to_corpus: input {path} would be overwritten by the output or rejects file "
+                "(it holds the generator's items and resume state); write elsewhere"
+            )
     skipped: Counter[str] = Counter()
     by_discipline: Counter[str] = Counter()
     by_lang: Counter[str] = Counter()
@@ -63,9 +71,14 @@ def to_corpus(
             path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"to_corpus: input {path} does not exist")
-            with open(path, encoding="utf-8") as f:
-                for line_no, raw in enumerate(f, 1):
+            with open(path, "rb") as f:
+                for line_no, data in enumerate(f, 1):
                     where = f"{path}:{line_no}"
+                    try:
+                        raw = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        reject("invalid_utf8", where, data.decode("utf-8", "replace"))
+                        continue
                     if not raw.strip():
                         continue
                     if not raw.endswith("\n"):
@@ -73,11 +86,22 @@ def to_corpus(
                         continue
                     try:
                         record = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         reject("invalid_json", where, raw)
                         continue
-                    missing = [k for k in REQUIRED if not record.get(k)]
-                    if missing:
+                    if not isinstance(record, dict):
+                        reject("not_a_json_object", where, raw)
+                        continue
+                    wrong = [
+                        k
+                        for k in (*REQUIRED, "discipline", "task")
+                        if record.get(k) is not None and not isinstance(record[k], str)
+                    ]
+                    if wrong:
+                        reject(f"non_string_{wrong[0]}", where, raw)
+                        continue
+                    missing = [k for k in REQUIRED if not (record.get(k) or "").strip()]
+                    if missing:  # absent, empty or whitespace only
                         reject(f"missing_{missing[0]}", where, raw)
                         continue
                     if record.get("passed") is False and not include_failing:

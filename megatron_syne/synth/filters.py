@@ -176,7 +176,7 @@ def iter_eval_texts(path: str | os.PathLike) -> Iterator[str]:
                     continue
                 try:
                     record = json.loads(line)
-                except ValueError as err:
+                except (ValueError, RecursionError) as err:
                     raise ValueError(
                         f"{path}:{line_no}: not valid JSON ({err}); fix the line or pass the "
                         "file as plain text (.txt)"

@@ -68,7 +68,7 @@ def iter_json_lines(path: Path, flag: str) -> Iterator[JsonLine | BadLine]:
             where = f"{path}:{line_no}"
             try:
                 record = json.loads(raw)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:
                 yield BadLine(where, f"not valid JSON ({err})", raw[:500])
                 continue
             yield JsonLine(line_no, where, raw, record)

@@ -44,7 +44,7 @@ class JsonlStore:
                 try:
                     record = json.loads(raw)
                     key = record["key"]
-                except (ValueError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError, RecursionError) as err:
                     raise ValueError(
                         f"{self.path}:{line_no}: not a record of this tool ({err}); this file "
                         "was not written by tools/synth or was edited. Move it away or give "

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from megatron_syne.synth.client import ChatClient, ClientConfig
 from megatron_syne.synth.corpus import to_corpus
 from megatron_syne.synth.pipeline import GenerationRun, RunConfig
@@ -248,3 +250,43 @@ def test_an_internal_error_on_one_item_is_logged_and_redone_not_fatal(tmp_path):
     assert first["accepted"] == 2 and first["request_failed_by_reason"] == {"internal_error": 1}
     assert "disk full" in (tmp_path / "o.errors.jsonl").read_text()
     assert second["attempted"] == 1 and second["accepted"] == 1 and second["skipped_done"] == 2
+
+
+def test_to_corpus_rejects_each_unusable_line_with_its_reason(tmp_path):
+    good = {"key": "k1", "problem": "P?", "solution": "S.", "lang": "en", "discipline": "physics"}
+    lines = [
+        json.dumps(good),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({**good, "key": "k2", "problem": 42}),
+        json.dumps({**good, "key": ["k3"]}),
+        json.dumps({**good, "key": "k4", "discipline": {"x": 1}}),
+        "[" * 5000 + "]" * 5000,
+        json.dumps({**good, "key": "k5", "solution": " \n "}),
+        "{not json",
+    ]
+    items = tmp_path / "items.jsonl"
+    items.write_bytes(
+        ("\n".join(lines) + "\n").encode()
+        + b'{"key": "k7", "problem": "caf\xe9"}\n'  # not UTF-8
+        + json.dumps({**good, "key": "k6"}).encode()  # torn tail
+    )
+    stats = to_corpus([items], tmp_path / "corpus.jsonl")
+    assert stats.written == 1
+    rejects = [json.loads(x) for x in (tmp_path / "corpus.rejects.jsonl").read_text().splitlines()]
+    assert [(r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [
+        ("2", "not_a_json_object"),
+        ("3", "non_string_problem"),
+        ("4", "non_string_key"),
+        ("5", "non_string_discipline"),
+        ("6", "invalid_json"),
+        ("7", "missing_solution"),
+        ("8", "invalid_json"),
+        ("9", "invalid_utf8"),
+        ("10", "torn_line"),
+    ]
+    assert sum(stats.skipped.values()) == len(rejects)
+    # The output may never overwrite an input or the rejects file.
+    with pytest.raises(ValueError, match="would be overwritten"):
+        to_corpus([items], items)
+    with pytest.raises(ValueError, match="is the --output file"):
+        to_corpus([items], tmp_path / "c.jsonl", rejects=tmp_path / "c.jsonl")

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     try:
         s = to_corpus(args.inputs, args.output, args.rejects, args.source, args.include_failing)
-    except FileNotFoundError as err:
+    except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from err
     print(
         f"to_corpus: wrote {s.written} documents ({s.chars} chars) to {args.output} in "
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{dict(s.skipped)}\n  by lang {dict(s.by_lang)}\n  by discipline {dict(s.by_discipline)}",
         file=sys.stderr,
     )
+    if s.written == 0:
+        print(
+            "to_corpus: warning: no usable item in the inputs, the corpus is empty (see the "
+            "rejects file for why)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":
