@@ -47,10 +47,7 @@ HOOK_NAME = "syne_mixture"
 def resolve_data_root(spec: MixtureSpec, data_root: str | os.PathLike | None) -> Path:
     """``--data-root`` if given, else the spec's ``data_root`` (relative to the spec file),
     else the directory of the spec file."""
-    if data_root is not None:
-        return Path(data_root)
-    spec_dir = Path(spec.path).resolve().parent
-    return spec_dir / spec.data_root if spec.data_root else spec_dir
+    return spec.resolved_data_root(data_root)
 
 
 def plan_from_spec(

@@ -6,8 +6,10 @@ mixer changes topic weights during training; a run's TensorBoard logs give the a
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 from megatron_syne.data.blending import build_phased_blending_indices
 from megatron_syne.data.schedule import MixturePlan
 from megatron_syne.utils.io import save_png
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -228,16 +232,20 @@ def plot_plan(
     return save_png(fig, output, dpi=110)
 
 
-def read_mixer_history(path: str | os.PathLike) -> list[dict]:
-    """Records of a ``mixer_history-*.jsonl`` file (one per measurement)."""
-    import json
+def read_mixer_history(
+    path: str | os.PathLike, warn: Callable[[str], None] | None = None
+) -> list[dict]:
+    """Records of a ``mixer_history-*.jsonl`` file (one per measurement, by iteration).
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: mixer history not found (written to --save by the mixer)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    # A resumed run re-measures what came after its checkpoint: the last record counts.
-    return sorted({r["iteration"]: r for r in records}.values(), key=lambda r: r["iteration"])
+    Errors name the file and the line; a torn last line (a run killed mid-write) is skipped and
+    reported through ``warn`` (default: the log).
+    """
+    from megatron_syne.data.mixer import read_history
+
+    history = read_history(path, "mixer history (written to --save by the mixer)")
+    for message in history.warnings:
+        (warn or logger.warning)(message)
+    return list(history.records)
 
 
 def plot_mixer_history(history: list[dict], output: str | os.PathLike) -> Path:

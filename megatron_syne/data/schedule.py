@@ -45,6 +45,9 @@ class MixturePlan:
         seq_length: int,
         global_batch_size: int,
     ) -> None:
+        for flag, value in (("seq_length", seq_length), ("global_batch_size", global_batch_size)):
+            if isinstance(value, bool) or int(value) != value or value <= 0:
+                raise ValueError(f"{flag} must be a positive whole number, got {value!r}")
         self.spec = spec
         self.resolutions = dict(resolutions)
         self.seq_length = int(seq_length)
@@ -104,21 +107,7 @@ class MixturePlan:
         return phases
 
     def _mixer_groups(self) -> dict[str, list[str]]:
-        if self.spec.mixer is None:
-            return {}
-        active_sources = {
-            source
-            for stage in self.spec.stages
-            if self.spec.mixer_active_in(stage.name)
-            for source in stage.source_weights()
-        }
-        groups = {}
-        for name, resolution in self.resolutions.items():
-            source = resolution.spec
-            if name in active_sources and source.split_by_topic and source.adjust:
-                if len(resolution.components) > 1:
-                    groups[name] = [c.name for c in resolution.components]
-        return groups
+        return mixer_groups(self.spec, self.resolutions)
 
     def initial_topic_weights(self) -> dict[str, float]:
         return {
@@ -208,3 +197,25 @@ class MixturePlan:
                 )
             warnings.append(f"{message}; it will repeat ({policy})")
         return warnings
+
+
+def mixer_groups(
+    spec: MixtureSpec, resolutions: Mapping[str, SourceResolution]
+) -> dict[str, list[str]]:
+    """The components whose weights the mixer adjusts, by source: sources split by topic,
+    ``adjust: true``, used in a stage where the mixer runs, with more than one component."""
+    if spec.mixer is None:
+        return {}
+    active_sources = {
+        source
+        for stage in spec.stages
+        if spec.mixer_active_in(stage.name)
+        for source in stage.source_weights()
+    }
+    groups = {}
+    for name, resolution in resolutions.items():
+        source = resolution.spec
+        if name in active_sources and source.split_by_topic and source.adjust:
+            if len(resolution.components) > 1:
+                groups[name] = [c.name for c in resolution.components]
+    return groups

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from megatron_syne.utils.yaml_strict import YAMLInputError, load_yaml_file
 
 RATIO_TOLERANCE = 1e-6
 
@@ -262,6 +262,14 @@ class MixtureSpec:
             if source.name == name:
                 return source
         raise KeyError(name)
+
+    def resolved_data_root(self, override: str | os.PathLike | None = None) -> Path:
+        """``override`` (``--data-root``) if given, else ``data_root`` (relative to the spec
+        file's directory), else the spec file's directory."""
+        if override is not None:
+            return Path(override)
+        spec_dir = Path(self.path).resolve().parent
+        return spec_dir / self.data_root if self.data_root else spec_dir
 
     def mixer_active_in(self, stage_name: str) -> bool:
         return self.mixer is not None and (not self.mixer.stages or stage_name in self.mixer.stages)
@@ -503,9 +511,13 @@ def load_spec(path: str | os.PathLike) -> MixtureSpec:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"{path}: mixture spec not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    return parse_spec(data, str(path))
+    return parse_spec(read_spec_yaml(path), str(path))
+
+
+def read_spec_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML of a spec file (not validated); a repeated key is an error naming the
+    file, the line and the key, since YAML would silently keep only the last one."""
+    try:
+        return load_yaml_file(path, "mixture spec")
+    except YAMLInputError as exc:
+        raise SpecError(str(exc)) from None

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from megatron_syne.utils.yaml_strict import YAMLInputError, load_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TAXONOMY = REPO_ROOT / "examples" / "topics" / "syne_topics_v1.yaml"
@@ -170,9 +170,9 @@ def load_taxonomy(path: str | os.PathLike | None = None) -> Taxonomy:
     if not path.exists():
         raise TaxonomyError(f"{path}: taxonomy file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise TaxonomyError(f"{path}: not valid YAML: {e}") from e
+        data = load_yaml_file(path, "taxonomy file")
+    except YAMLInputError as e:
+        raise TaxonomyError(str(e)) from None
     return Taxonomy.from_dict(data, path=str(path))
 
 

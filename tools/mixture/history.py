@@ -1,6 +1,9 @@
 """Show a run's mixer history: per-topic validation loss and topic weights, as text and a PNG.
 
 python tools/mixture/history.py RUN/mixer_history-<hash>.jsonl [--png history.png]
+
+A bad line is an error naming the file and the line (exit 1); a torn last line (no newline at
+its end: the run writing the history was killed mid-write) is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_syne.data.planning import plot_mixer_history, read_mixer_history
 
+    def warn(message: str) -> None:
+        print(f"history.py: warning: {message}", file=sys.stderr)
+
     try:
-        history = read_mixer_history(args.history)
+        history = read_mixer_history(args.history, warn)
         png = Path(args.png) if args.png else Path(args.history).with_suffix(".png")
         plot_mixer_history(history, png)
     except (FileNotFoundError, ValueError) as err:
         print(f"history.py: error: {err}", file=sys.stderr)
         return 1
     names = list(history[0]["losses"])
-    print(f"{'iteration':>9} {'tokens':>12} " + " ".join(f"{n[-24:]:>24}" for n in names))
+    # Columns as wide as the longest name: a cut name (cn/zh_economics_business) is ambiguous.
+    width = max(24, *(len(n) for n in names))
+    print(f"{'iteration':>9} {'tokens':>12} " + " ".join(f"{n:>{width}}" for n in names))
     for r in history:
         cells = " ".join(
-            f"{r['losses'][n]:>12.4f} r={r['weights_after'][n]:>8.4f}".rjust(24) for n in names
+            f"{r['losses'][n]:>12.4f} r={r['weights_after'][n]:>8.4f}".rjust(width) for n in names
         )
         print(f"{r['iteration']:>9} {r['consumed_tokens']:>12} {cells}")
     updates = sum(r["updated"] for r in history)
