@@ -39,20 +39,36 @@ class PartsDir:
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest_path = self.directory / MANIFEST
+        existing = None
         if manifest_path.exists():
-            existing = json.loads(manifest_path.read_text())
-            if existing != manifest:
-                changed = sorted(
-                    k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k)
-                )
-                raise PartsError(
-                    f"{self.directory}: partial results from a run with different settings "
-                    f"({', '.join(changed)} changed); pass --restart to discard them, or rerun "
-                    "with the original settings to resume"
-                )
-        else:
+            try:
+                existing = json.loads(manifest_path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                if self.has_parts():
+                    raise PartsError(
+                        f"{manifest_path}: unreadable ({e}); pass --restart to discard the "
+                        "partial results"
+                    ) from e
+                existing = {}
+        if existing is not None and existing != manifest and self.has_parts():
+            changed = sorted(
+                k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k)
+            )
+            raise PartsError(
+                f"{self.directory}: partial results from a run with different settings "
+                f"({', '.join(changed)} changed); pass --restart to discard them, or rerun "
+                "with the original settings to resume"
+            )
+        if existing != manifest:
+            # A new directory, or one where nothing finished under the old settings (e.g. a
+            # run that failed at startup): nothing to resume, so this run's settings replace
+            # them without --restart.
             with atomic_open(manifest_path, "w") as f:
                 json.dump(manifest, f, indent=2, sort_keys=True)
+
+    def has_parts(self) -> bool:
+        """Whether any finished part exists (temporary files of unfinished ones do not count)."""
+        return any(self.directory.glob("part-*.parquet"))
 
     def part_path(self, start: int, end: int) -> Path:
         return self.directory / f"part-{start:012d}-{end:012d}.parquet"

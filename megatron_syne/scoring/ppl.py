@@ -328,6 +328,15 @@ def score_dataset(config: PPLConfig) -> PPLSummary:
 
     meta = read_metadata(config.data_prefix, columns=["n_tokens"])  # row count vs .idx
     n_docs = meta.num_rows
+    # Load (and so validate) the model before any resume state is written: a run that cannot
+    # start (wrong --load, wrong shape) must not leave a manifest that refuses the fixed rerun.
+    model = (
+        HFScorerModel(config.hf_model, device, dtype)
+        if config.hf_model is not None
+        else MegatronScorerModel(config, device, dtype)
+    )
+    bos, eod = _special_ids(config, model)
+    token_nll, impl = resolve_token_nll(device, config.fused_kernel)
     ranges = chunk_ranges(n_docs, config.chunk_size)
     manifest = {
         "job": "ppl-scoring",
@@ -360,14 +369,6 @@ def score_dataset(config: PPLConfig) -> PPLSummary:
         parts = PartsDir(config.parts_dir, manifest)
     mine = ranges[rank::world]
     pending = parts.missing(mine)
-
-    model = (
-        HFScorerModel(config.hf_model, device, dtype)
-        if config.hf_model is not None
-        else MegatronScorerModel(config, device, dtype)
-    )
-    bos, eod = _special_ids(config, model)
-    token_nll, impl = resolve_token_nll(device, config.fused_kernel)
     summary = PPLSummary(
         n_documents=n_docs,
         rank_chunks=len(mine),

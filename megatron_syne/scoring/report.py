@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_syne.data.metadata import read_metadata
-from megatron_syne.utils.io import atomic_open, save_png
+from megatron_syne.data.metadata import metadata_path, read_metadata
+from megatron_syne.utils.io import commit_file, save_png, temporary_path_for
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 CCNET_PERCENTILES = (30, 60)
+OUTPUT_FILES = ("ppl_report.json", "ppl_report.md", "ppl_histogram.png")
 
 
 @dataclass
@@ -71,18 +72,23 @@ def ppl_report(
     """Write ``ppl_report.json``, ``ppl_report.md`` and ``ppl_histogram.png``; return the stats
     (first entry: all documents together)."""
     if num_buckets < 2:
-        raise ValueError("--num-buckets must be >= 2")
+        raise ValueError(f"--num-buckets must be >= 2, got {num_buckets}")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(
+            f"--output-dir {output_dir} is an existing file, not a directory; give a directory "
+            "path (it is created if missing)"
+        )
+    _check_distinct(data_prefixes)
     ppl_parts, status_parts, key_parts = [], [], []
     for prefix in data_prefixes:
         table = read_metadata(prefix)
-        missing = [c for c in ("ppl", "ppl_status", *group_by) if c not in table.column_names]
-        if missing:
-            raise ValueError(
-                f"{prefix}: metadata has no column(s) {missing}; run tools/ppl/score_ppl.py "
-                "first (and tools/topics/label.py for `topic`)"
-            )
-        ppl_parts.append(table.column("ppl").to_numpy(zero_copy_only=False).astype(np.float64))
-        status_parts.extend(table.column("ppl_status").to_pylist())
+        _check_columns(prefix, table.column_names, group_by)
+        ppl = table.column("ppl").to_numpy(zero_copy_only=False).astype(np.float64)
+        status = table.column("ppl_status").to_pylist()
+        _check_scored_values(prefix, ppl, status)
+        ppl_parts.append(ppl)
+        status_parts.extend(status)
         columns = [table.column(c).to_pylist() for c in group_by]
         key_parts.extend("/".join(str(v) for v in values) for values in zip(*columns))
     ppl = np.concatenate(ppl_parts) if ppl_parts else np.zeros(0)
@@ -94,20 +100,71 @@ def ppl_report(
             _stats(key, ppl[sel], [s for s, m in zip(status_parts, sel) if m], num_buckets)
         )
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "data_prefixes": [str(p) for p in data_prefixes],
         "group_by": list(group_by),
         "num_buckets": num_buckets,
         "groups": [g.to_dict() for g in groups],
     }
-    with atomic_open(output_dir / "ppl_report.json", "w") as f:
-        json.dump(report, f, indent=2)
-    with atomic_open(output_dir / "ppl_report.md", "w") as f:
-        f.write(format_report(groups, group_by, num_buckets) + "\n")
-    plot_histograms(groups, output_dir / "ppl_histogram.png", group_by)
+    # All or nothing: the three files are rendered under temporary names and renamed into
+    # place only once every one of them has been written.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = {name: temporary_path_for(output_dir / name) for name in OUTPUT_FILES}
+    try:
+        with open(temporary["ppl_report.json"], "w") as f:
+            json.dump(report, f, indent=2)
+        with open(temporary["ppl_report.md"], "w") as f:
+            f.write(format_report(groups, group_by, num_buckets) + "\n")
+        plot_histograms(groups, temporary["ppl_histogram.png"], group_by)
+        for name, tmp in temporary.items():
+            commit_file(tmp, output_dir / name)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
     return groups
+
+
+def _check_distinct(data_prefixes: list[str | os.PathLike]) -> None:
+    """The same dataset named twice would be counted twice: refuse it."""
+    seen: dict[Path, str] = {}
+    for prefix in data_prefixes:
+        key = metadata_path(prefix).resolve()
+        if key in seen:
+            raise ValueError(
+                f"--data-prefix {prefix} names the same dataset as {seen[key]} ({key}); every "
+                "dataset would be counted twice: list each dataset once"
+            )
+        seen[key] = str(prefix)
+
+
+def _check_columns(prefix, columns: list[str], group_by: tuple[str, ...]) -> None:
+    where = metadata_path(prefix)
+    unscored = [c for c in ("ppl", "ppl_status") if c not in columns]
+    if unscored:
+        raise ValueError(
+            f"{where}: no column(s) {unscored}; score the dataset with tools/ppl/score_ppl.py first"
+        )
+    missing = [c for c in group_by if c not in columns]
+    if missing:
+        hint = " (tools/topics/label.py writes `topic`)" if "topic" in missing else ""
+        raise ValueError(
+            f"{where}: no column(s) {missing} to group by{hint}; choose --group-by from the "
+            f"columns it has: {', '.join(c for c in columns if c not in ('ppl', 'ppl_status'))}"
+        )
+
+
+def _check_scored_values(prefix, ppl: np.ndarray, status: list) -> None:
+    """Rows marked ``ok`` must carry a finite PPL > 0 (PPL = exp(nll) is never <= 0)."""
+    ok = np.array([s == "ok" for s in status], dtype=bool)
+    bad = np.flatnonzero(ok & ~(np.isfinite(ppl) & (ppl > 0)))
+    if len(bad):
+        shown = ", ".join(f"row {int(i)} (ppl={ppl[i]})" for i in bad[:5])
+        raise ValueError(
+            f"{metadata_path(prefix)}: {len(bad)} row(s) with ppl_status 'ok' have a PPL that is "
+            f"not a finite number > 0 ({shown}{', ...' if len(bad) > 5 else ''}); the ppl "
+            "column was not written by tools/ppl/score_ppl.py or was edited: rescore the "
+            "dataset (score_ppl.py --restart)"
+        )
 
 
 def format_report(groups: list[GroupStats], group_by, num_buckets: int) -> str:

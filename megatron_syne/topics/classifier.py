@@ -31,6 +31,10 @@ NGRAM_FILE = "classifier.joblib"
 ENCODER_DIR = "encoder"
 
 
+class TopicModelError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and the fix."""
+
+
 @dataclass
 class NgramModelConfig:
     """Hashing n-gram features + linear classifier (scikit-learn)."""
@@ -153,6 +157,9 @@ class TopicModel:
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # An older model's card goes first: until the new card is written the directory is not
+        # a model, so a run that dies half-way never pairs an old card with new weights.
+        (directory / MODEL_CARD).unlink(missing_ok=True)
         if self.kind == "ngram":
             import joblib
 
@@ -206,32 +213,78 @@ def train_ngram_model(
 
 
 def load_topic_model(directory: str | os.PathLike, device: str | None = None) -> TopicModel:
-    """Load a model directory written by ``tools/topics/train.py``."""
+    """Load a model directory written by ``tools/topics/train.py``. Raises
+    :class:`TopicModelError` (naming the file and the fix) for anything that is not one."""
     directory = Path(directory)
     card_path = directory / MODEL_CARD
-    if not card_path.exists():
-        raise FileNotFoundError(
+    retrain = "retrain it with tools/topics/train.py (or restore the directory)"
+    if not card_path.is_file():
+        raise TopicModelError(
             f"{card_path}: not a topic model directory (no {MODEL_CARD}); "
             "train one with tools/topics/train.py"
         )
-    card = json.loads(card_path.read_text(encoding="utf-8"))
-    taxonomy = Taxonomy.from_dict(card["taxonomy"], path=str(card_path))
-    model = TopicModel(
-        kind=card["kind"],
-        taxonomy=taxonomy,
-        classes=list(card["classes"]),
-        config=card.get("config", {}),
-        metrics=card.get("metrics", {}),
-        max_chars=int(card.get("max_chars", 4000)),
-    )
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise TopicModelError(f"{card_path}: unreadable model card ({e}); {retrain}") from e
+    if not isinstance(card, dict):
+        raise TopicModelError(f"{card_path}: expected a JSON object; {retrain}")
+    missing = [k for k in ("kind", "classes", "taxonomy") if k not in card]
+    if missing:
+        raise TopicModelError(f"{card_path}: missing field(s) {missing}; {retrain}")
+    kind, classes = card["kind"], card["classes"]
+    if kind not in ("ngram", "hf_encoder"):
+        raise TopicModelError(
+            f"{card_path}: unknown model kind {kind!r} (expected 'ngram' or 'hf_encoder'); "
+            f"{retrain}"
+        )
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise TopicModelError(f"{card_path}: `classes` must be a list of topic ids; {retrain}")
+    try:
+        taxonomy = Taxonomy.from_dict(card["taxonomy"], path=str(card_path))
+        unknown = [c for c in classes if c not in set(taxonomy.ids)]
+        if unknown:
+            raise TopicModelError(
+                f"{card_path}: classes {unknown} are not topics of the model's taxonomy; {retrain}"
+            )
+        model = TopicModel(
+            kind=kind,
+            taxonomy=taxonomy,
+            classes=list(classes),
+            config=card.get("config") or {},
+            metrics=card.get("metrics") or {},
+            max_chars=int(card.get("max_chars", 4000)),
+        )
+    except TopicModelError:
+        raise
+    except (ValueError, TypeError) as e:  # TaxonomyError is a ValueError
+        raise TopicModelError(f"{card_path}: invalid model card ({e}); {retrain}") from e
     if model.kind == "ngram":
         import joblib
 
-        model.pipeline = joblib.load(directory / NGRAM_FILE)
-    elif model.kind == "hf_encoder":
+        path = directory / NGRAM_FILE
+        if not path.is_file():
+            raise TopicModelError(f"{path}: missing (the n-gram classifier); {retrain}")
+        try:
+            model.pipeline = joblib.load(path)
+        except Exception as e:  # a truncated or foreign pickle raises almost anything
+            raise TopicModelError(
+                f"{path}: cannot load the classifier ({type(e).__name__}: {e}); {retrain}"
+            ) from e
+        found = [str(c) for c in getattr(model.pipeline, "classes_", [])]
+        if not hasattr(model.pipeline, "predict_proba") or found != model.classes:
+            raise TopicModelError(
+                f"{path}: does not match {card_path} (classes {found} vs {model.classes}); "
+                f"{retrain}"
+            )
+    else:
         from megatron_syne.topics.encoder import EncoderClassifier
 
-        model.encoder = EncoderClassifier.load(directory / ENCODER_DIR, device=device)
-    else:
-        raise ValueError(f"{card_path}: unknown model kind {model.kind!r}")
+        path = directory / ENCODER_DIR
+        try:
+            model.encoder = EncoderClassifier.load(path, device=device)
+        except Exception as e:  # transformers raises OSError, ValueError, safetensors errors...
+            raise TopicModelError(
+                f"{path}: cannot load the fine-tuned encoder ({type(e).__name__}: {e}); {retrain}"
+            ) from e
     return model

@@ -37,15 +37,6 @@ def strip_special(tokens: np.ndarray, bos: int | None, eod: int | None) -> np.nd
     return tokens[start:end]
 
 
-def slurm_shard_defaults() -> tuple[int, int]:
-    """(num_shards, shard_index) from a Slurm job array, (1, 0) outside one."""
-    count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    if count is None or task is None:
-        return 1, 0
-    return int(count), int(task) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-
-
 def decode_documents(
     prefix: str | os.PathLike, indices, tokenizer, max_tokens: int | None = None
 ) -> list[str]:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from megatron_syne.data.metadata import add_columns, read_metadata
 from megatron_syne.scoring.parts import PartsDir, chunk_ranges
-from megatron_syne.topics.classifier import load_topic_model, model_fingerprint
+from megatron_syne.topics.classifier import TopicModel, load_topic_model, model_fingerprint
 from megatron_syne.topics.documents import (
     document_tokens,
     open_indexed_dataset,
@@ -53,7 +53,11 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.chunk_size < 1:
-            raise ValueError("--workers and --chunk-size must be >= 1")
+            raise ValueError(
+                f"--workers ({self.workers}) and --chunk-size ({self.chunk_size}) must be >= 1"
+            )
+        if self.num_shards < 1:
+            raise ValueError(f"--num-shards must be >= 1, got {self.num_shards}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(
                 f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})"
@@ -99,15 +103,17 @@ class LabelSummary:
 _WORKER: dict = {}
 
 
-def _init_worker(config: LabelConfig, manifest: dict) -> None:
+def _init_worker(
+    config: LabelConfig, manifest: dict, model: TopicModel | None = None, tokenizer=None
+) -> None:
     from megatron_syne.preprocess.tokenizers import load_tokenizer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER.clear()
     _WORKER.update(
         config=config,
-        model=load_topic_model(config.model_dir, device="cpu"),
-        tokenizer=load_tokenizer(config.tokenizer_type, config.tokenizer_model),
+        model=model or load_topic_model(config.model_dir, device="cpu"),
+        tokenizer=tokenizer or load_tokenizer(config.tokenizer_type, config.tokenizer_model),
         manifest=manifest,
     )
 
@@ -175,6 +181,14 @@ def label_dataset(config: LabelConfig) -> LabelSummary:
     n_docs = meta.num_rows
     langs = meta.column("lang").to_pylist() if "lang" in meta.column_names else None
     ranges = chunk_ranges(n_docs, config.chunk_size)
+    model = tokenizer = None
+    if not config.merge_only:
+        # Load (and so validate) the model and tokenizer before any resume state is written: a
+        # run that cannot start must not leave a manifest that refuses the corrected rerun.
+        from megatron_syne.preprocess.tokenizers import load_tokenizer
+
+        model = load_topic_model(config.model_dir, device="cpu")
+        tokenizer = load_tokenizer(config.tokenizer_type, config.tokenizer_model)
     manifest = {
         "job": "topic-labelling",
         "n_documents": n_docs,
@@ -202,7 +216,7 @@ def label_dataset(config: LabelConfig) -> LabelSummary:
         n_pending_docs = sum(e - s for s, e in pending)
         bar = tqdm(total=n_pending_docs, unit="doc", desc="labelling", disable=not config.progress)
         if config.workers == 1:
-            _init_worker(config, manifest)
+            _init_worker(config, manifest, model, tokenizer)
             results = map(_label_chunk, _tasks(config, pending, langs))
             pool = None
         else:

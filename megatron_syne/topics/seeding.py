@@ -102,6 +102,11 @@ def lexicon_seed_labels(
     min_margin: float = 1.5,
     max_per_topic: int | None = None,
 ) -> SeedResult:
+    if min_keywords < 1:
+        # 0 would label documents in which no keyword of any topic occurs
+        raise ValueError(f"min_keywords (--min-keywords) must be >= 1, got {min_keywords}")
+    if max_per_topic is not None and max_per_topic < 1:
+        raise ValueError(f"max_per_topic (--max-per-topic) must be >= 1, got {max_per_topic}")
     lexicon = KeywordLexicon(taxonomy)
     result = SeedResult()
     per_topic: Counter = Counter()

@@ -1,15 +1,17 @@
 """Train a topic classifier on labelled JSONL and evaluate it on a held-out split.
 
 Input: JSONL lines ``{"text": ..., "topic": <taxonomy id>, "lang": optional}``. Lines that are
-not JSON or lack a text are written to ``<output>/rejects.jsonl`` with the reason and counted; a
-label that is not a topic of the taxonomy is an error (a typo there would silently train a
-wrong label set).
+not JSON or lack a text, and rows whose ``lang`` is not a string or not the language the
+taxonomy gives their topic, are written to ``<output>/rejects.jsonl`` with the reason and
+counted; a label that is not a topic of the taxonomy is an error (a typo there would silently
+train a wrong label set), and so is a file that is not UTF-8 (named with its line).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,19 +37,53 @@ class LabelledData:
     rejects: list[dict] = field(default_factory=list)
 
 
+class TrainingDataError(ValueError):
+    """Training input that cannot be used; the message names the file (and line) and the fix."""
+
+
+def _check_distinct_inputs(paths: list[str | os.PathLike]) -> None:
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise TrainingDataError(
+                f"--input {path} is the same file as {seen[key]}: its examples would count twice; "
+                "list each file once"
+            )
+        seen[key] = str(path)
+
+
 def read_labelled_jsonl(paths: list[str | os.PathLike], taxonomy: Taxonomy) -> LabelledData:
+    _check_distinct_inputs(paths)
     data = LabelledData()
     where_labels: list[tuple[str, str]] = []
+    known = set(taxonomy.ids)
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        if not os.path.isfile(path):
+            raise TrainingDataError(
+                f"{path}: training input not found (or not a file); pass labelled JSONL "
+                "written by tools/topics/seed_labels.py (or your own) to --input"
+            )
+        # Read bytes and decode line by line, so a non-UTF-8 line is named by its number.
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
                 where = f"{path}:{line_no}"
                 try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TrainingDataError(
+                        f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+                        "convert the file to UTF-8 (e.g. iconv -f GB18030 -t UTF-8)"
+                    ) from e
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, RecursionError) as e:
                     data.rejects.append({"where": where, "reason": f"invalid JSON: {e}"})
+                    continue
+                if not isinstance(row, dict):
+                    data.rejects.append({"where": where, "reason": "not a JSON object"})
                     continue
                 text, topic = row.get("text"), row.get("topic")
                 if not isinstance(text, str) or not text.strip():
@@ -57,9 +93,25 @@ def read_labelled_jsonl(paths: list[str | os.PathLike], taxonomy: Taxonomy) -> L
                     data.rejects.append({"where": where, "reason": "missing `topic`"})
                     continue
                 where_labels.append((where, topic))
+                lang = row.get("lang")
+                if lang is not None and not isinstance(lang, str):
+                    data.rejects.append(
+                        {"where": where, "reason": f"`lang` must be a string, got {lang!r}"}
+                    )
+                    continue
+                if lang and topic in known and taxonomy.topic(topic).lang != lang:
+                    data.rejects.append(
+                        {
+                            "where": where,
+                            "reason": f"`lang` {lang!r} is not the language of topic {topic!r} "
+                            f"({taxonomy.topic(topic).lang!r} in the taxonomy): a document only "
+                            "gets a topic of its own language",
+                        }
+                    )
+                    continue
                 data.texts.append(text)
                 data.labels.append(topic)
-                data.langs.append(row.get("lang"))
+                data.langs.append(lang)
     check_labels(taxonomy, where_labels, ", ".join(map(str, paths)))
     data.langs = [
         lang if lang else taxonomy.topic(label).lang for lang, label in zip(data.langs, data.labels)
@@ -165,16 +217,44 @@ def train_topic_classifier(
     """Train (n-gram model, or the HF encoder when ``encoder_config`` is given), evaluate on a
     stratified held-out split, write the model directory, metrics, rejects and the PNG."""
     if not 0 <= held_out_fraction < 1:
-        raise ValueError("held_out_fraction must be in [0, 1)")
+        raise ValueError(f"--held-out-fraction must be in [0, 1), got {held_out_fraction}")
     start = time.time()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingDataError(
+            f"--output-dir {output_dir} is an existing file; give a directory for the model"
+        )
     data = read_labelled_jsonl(input_paths, taxonomy)
     if len(set(data.labels)) < 2:
-        raise ValueError(
+        raise TrainingDataError(
             f"{', '.join(map(str, input_paths))}: need examples of at least two topics to train "
-            f"a classifier, found {sorted(set(data.labels))}"
+            f"a classifier, found {sorted(set(data.labels))} ({len(data.labels)} usable "
+            f"example(s), {len(data.rejects)} rejected line(s)); add labelled examples"
         )
+    # The directory is created only now that there is something to write, and removed again
+    # if this run created it and then failed: no empty or half-written model is left behind.
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_and_write(
+            data, taxonomy, output_dir, held_out_fraction, ngram_config, encoder_config, seed, start
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _train_and_write(
+    data: LabelledData,
+    taxonomy: Taxonomy,
+    output_dir: Path,
+    held_out_fraction: float,
+    ngram_config: NgramModelConfig | None,
+    encoder_config,
+    seed: int,
+    start: float,
+) -> TrainResult:
     train_idx, test_idx = split_held_out(data.labels, held_out_fraction, seed)
     pick = lambda values, idx: [values[i] for i in idx]  # noqa: E731
     train_texts, train_labels = pick(data.texts, train_idx), pick(data.labels, train_idx)

@@ -250,3 +250,29 @@ def test_token_ids_outside_the_model_vocabulary_are_refused(setup, tmp_path):
         score_dataset(
             PPLConfig(data_prefix=str(prefix), hf_model=str(hf), min_tokens=2, progress=False)
         )
+
+
+def test_megatron_checkpoint_of_another_shape_is_a_clear_error(
+    setup, megatron_checkpoint, tmp_path
+):
+    """A --load whose shape flags do not match is `error: ...` (exit 2, no traceback) and
+    leaves no resume state, so the rerun with the right flags is not refused."""
+    _, _, docs, reference = setup
+    prefix = build_token_dataset(tmp_path / "ds", docs)
+    wrong = list(megatron_checkpoint)
+    at = wrong.index("--ffn-hidden-size") + 1
+    wrong[at] = str(2 * int(wrong[at]))
+    for model_args, expected_rc in ((wrong, 2), (megatron_checkpoint, 0)):
+        proc = subprocess.run(
+            [sys.executable, *_megatron_score_args(prefix, model_args, 4, 512)],
+            cwd=REPO_ROOT,
+            env=cpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == expected_rc, proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        if expected_rc:
+            assert "error: " in proc.stderr and not (tmp_path / "ds.ppl.parts").exists()
+    _check_against_reference(prefix, docs, reference)

@@ -59,7 +59,8 @@ def test_ngram_classifier_learns_toy_taxonomy_in_both_languages(tmp_path):
     data = _write_jsonl(
         tmp_path / "train.jsonl",
         toy_corpus(30, seed=0),
-        extra_lines=['{"text": "broken', '{"topic": "en_sport"}'],
+        # a malformed line, a line without text, and nesting too deep for Python's parser
+        extra_lines=['{"text": "broken', '{"topic": "en_sport"}', "[" * 5000 + "]" * 5000],
     )
     rc = train_tool.main(
         [
@@ -77,9 +78,9 @@ def test_ngram_classifier_learns_toy_taxonomy_in_both_languages(tmp_path):
     assert held["n_documents"] == 24  # 20% of 30 per topic
     assert held["accuracy"] >= 0.95 and held["macro_f1"] >= 0.95
     assert set(held["per_topic"]) == set(TOY_WORDS)
-    assert metrics["n_rejects"] == 2
+    assert metrics["n_rejects"] == 3
     rejects = (tmp_path / "model" / "rejects.jsonl").read_text().splitlines()
-    assert [json.loads(r)["where"].rsplit(":", 1)[1] for r in rejects] == ["121", "122"]
+    assert [json.loads(r)["where"].rsplit(":", 1)[1] for r in rejects] == ["121", "122", "123"]
     assert (tmp_path / "model" / "confusion_matrix.png").stat().st_size > 5000
 
     model = load_topic_model(tmp_path / "model")

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
     try:
         groups = ppl_report(args.data_prefix, args.output_dir, group_by, args.num_buckets)
-    except (MetadataError, ValueError) as e:
+    except (MetadataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(groups, group_by, args.num_buckets))

@@ -17,6 +17,7 @@ import sys
 from megatron_syne.data.metadata import MetadataError
 from megatron_syne.scoring.parts import PartsError
 from megatron_syne.scoring.ppl import PPLConfig, format_summary, score_dataset
+from megatron_syne.training.checkpointing import CheckpointError
 
 PRESET_OVERRIDES = (
     ("num_layers", int),
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
         )
         summary = score_dataset(config)
-    except (MetadataError, PartsError, FileNotFoundError, ValueError) as e:
+    except (MetadataError, PartsError, CheckpointError, OSError, ValueError) as e:
+        # OSError: a --hf-model directory transformers cannot read (it names the path)
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.merged or summary.world_size == 1:

@@ -16,8 +16,9 @@ import sys
 
 from megatron_syne.data.metadata import MetadataError
 from megatron_syne.scoring.parts import PartsError
-from megatron_syne.topics.documents import slurm_shard_defaults
+from megatron_syne.topics.classifier import TopicModelError
 from megatron_syne.topics.labeling import LabelConfig, format_summary, label_dataset
+from megatron_syne.utils.slurm import slurm_shard_defaults
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,25 +43,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = LabelConfig(
-        data_prefix=args.data_prefix,
-        model_dir=args.model,
-        tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
-        workers=args.workers,
-        chunk_size=args.chunk_size,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-        parts_dir=args.parts_dir,
-        merge_only=args.merge_only,
-        restart=args.restart,
-        keep_parts=args.keep_parts,
-        progress=not args.no_progress,
-    )
     try:
+        args = parse_args(argv)
+    except ValueError as e:  # a malformed Slurm environment (the shard defaults)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        config = LabelConfig(
+            data_prefix=args.data_prefix,
+            model_dir=args.model,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            workers=args.workers,
+            chunk_size=args.chunk_size,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            parts_dir=args.parts_dir,
+            merge_only=args.merge_only,
+            restart=args.restart,
+            keep_parts=args.keep_parts,
+            progress=not args.no_progress,
+        )
         summary = label_dataset(config)
-    except (MetadataError, PartsError, FileNotFoundError) as e:
+    except (MetadataError, PartsError, TopicModelError, ValueError, OSError) as e:
+        # bad flag values (ValueError), the model directory, the metadata sidecar and existing
+        # parts: each message names the file or flag and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -65,14 +65,27 @@ def load_documents(args) -> list[SeedDocument]:
     rng = np.random.default_rng(args.seed)
     if args.input:
         docs = []
-        with open(args.input, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        # Bytes, decoded line by line: a non-UTF-8 line is reported with its file and number.
+        with open(args.input, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{args.input}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} "
+                        "of the line); convert the file to UTF-8 (e.g. iconv -f GB18030 -t UTF-8)"
+                    ) from e
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, RecursionError) as e:
                     raise ValueError(f"{args.input}:{line_no}: invalid JSON ({e})") from e
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{args.input}:{line_no}: expected a JSON object with a `text` string, "
+                        f"got a {type(row).__name__}"
+                    )
                 if not isinstance(row.get("text"), str):
                     raise ValueError(f"{args.input}:{line_no}: no `text` string")
                 docs.append(SeedDocument(row["text"], row.get("lang"), f"{args.input}:{line_no}"))
@@ -95,32 +108,49 @@ def load_documents(args) -> list[SeedDocument]:
     return [SeedDocument(t, langs[i], f"doc {i}") for t, i in zip(texts, indices.tolist())]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for values that would fail late or label nonsense."""
+    for flag, value in (
+        ("--num-samples", args.num_samples),
+        ("--max-tokens-per-doc", args.max_tokens_per_doc),
+        ("--min-keywords", args.min_keywords),  # 0 would label documents with no keyword hit
+        ("--max-per-topic", args.max_per_topic),
+        ("--max-chars", args.max_chars),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not (args.min_margin >= 0 and args.min_margin != float("inf")):
+        raise ValueError(f"--min-margin must be a finite number >= 0, got {args.min_margin}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
+        check_args(args)
+        if args.method == "llm" and (not args.api_base or not args.model):
+            raise ValueError("--method llm needs --api-base and --model")
+        config = None
+        if args.method == "llm":
+            config = LLMConfig(
+                api_base=args.api_base,
+                model=args.model,
+                api_key=args.api_key,
+                max_retries=args.max_retries,
+                request_timeout=args.request_timeout,
+                concurrency=args.concurrency,
+                max_chars=args.max_chars,
+            )
         taxonomy = load_taxonomy(args.taxonomy)
         docs = load_documents(args)
-    except (TaxonomyError, ValueError, FileNotFoundError) as e:
+    except (TaxonomyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.method == "lexicon":
+    if config is None:
         result = lexicon_seed_labels(
             docs, taxonomy, args.min_keywords, args.min_margin, args.max_per_topic
         )
     else:
-        if not args.api_base or not args.model:
-            print("error: --method llm needs --api-base and --model", file=sys.stderr)
-            return 2
-        config = LLMConfig(
-            api_base=args.api_base,
-            model=args.model,
-            api_key=args.api_key,
-            max_retries=args.max_retries,
-            request_timeout=args.request_timeout,
-            concurrency=args.concurrency,
-            max_chars=args.max_chars,
-        )
         result = llm_seed_labels(docs, taxonomy, config, seed=args.seed)
     output = Path(args.output)
     aside = output.with_name(output.name + ".set_aside.jsonl")
@@ -133,6 +163,19 @@ def main(argv=None) -> int:
     for key, value in sorted(result.counts.items()):
         print(f"  {key:<34} {value}")
     print(f"time: {time.time() - start:.1f} s")
+    if not result.labelled:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts.items())) or "none"
+        errors = [row["error"] for row in result.set_aside if row.get("error")]
+        hint = (
+            f"; first request error: {errors[0]} (check --api-base, --model and the server)"
+            if errors
+            else "; see the reasons in the set-aside file"
+        )
+        print(
+            f"error: no document was labelled ({len(docs)} document(s); {reasons}){hint}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -15,7 +15,11 @@ import sys
 
 from megatron_syne.topics.classifier import NgramModelConfig
 from megatron_syne.topics.taxonomy import DEFAULT_TAXONOMY, TaxonomyError, load_taxonomy
-from megatron_syne.topics.training import format_metrics_table, train_topic_classifier
+from megatron_syne.topics.training import (
+    TrainResult,
+    format_metrics_table,
+    train_topic_classifier,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,10 +57,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        taxonomy = load_taxonomy(args.taxonomy)
-    except TaxonomyError as e:
+        result = _train(args)
+    except (TaxonomyError, ValueError, OSError) as e:
+        # TaxonomyError, TrainingDataError and bad flag values are ValueErrors naming the file,
+        # line or flag; OSError: an --input or --output-dir the system refuses (names the path)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(format_metrics_table(result.metrics))
+    print(
+        f"\nmodel ({result.model.kind}): {result.output_dir}  train documents: {result.n_train}  "
+        f"held-out: {result.n_test}  rejects: {result.n_rejects} "
+        f"(see {result.output_dir / 'rejects.jsonl'})  time: {result.seconds:.1f} s"
+    )
+    missing = result.metrics["topics_without_examples"]
+    if missing:
+        print(f"warning: no training examples for {len(missing)} topic(s): {', '.join(missing)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> TrainResult:
+    taxonomy = load_taxonomy(args.taxonomy)
     encoder_config = None
     if args.encoder_path:
         from megatron_syne.topics.encoder import EncoderTrainConfig
@@ -82,29 +102,15 @@ def main(argv=None) -> int:
         class_weight=None if args.no_class_weight else "balanced",
         seed=args.seed,
     )
-    try:
-        result = train_topic_classifier(
-            args.input,
-            taxonomy,
-            args.output_dir,
-            held_out_fraction=args.held_out_fraction,
-            ngram_config=ngram_config,
-            encoder_config=encoder_config,
-            seed=args.seed,
-        )
-    except TaxonomyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_metrics_table(result.metrics))
-    print(
-        f"\nmodel ({result.model.kind}): {result.output_dir}  train documents: {result.n_train}  "
-        f"held-out: {result.n_test}  rejects: {result.n_rejects} "
-        f"(see {result.output_dir / 'rejects.jsonl'})  time: {result.seconds:.1f} s"
+    return train_topic_classifier(
+        args.input,
+        taxonomy,
+        args.output_dir,
+        held_out_fraction=args.held_out_fraction,
+        ngram_config=ngram_config,
+        encoder_config=encoder_config,
+        seed=args.seed,
     )
-    missing = result.metrics["topics_without_examples"]
-    if missing:
-        print(f"warning: no training examples for {len(missing)} topic(s): {', '.join(missing)}")
-    return 0
 
 
 if __name__ == "__main__":
