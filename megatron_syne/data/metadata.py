@@ -159,6 +159,20 @@ def check_rows_match_index(prefix: str | os.PathLike, table: pa.Table | None = N
         )
 
 
+def check_distinct_datasets(prefixes: Sequence[str | os.PathLike], consequence: str) -> None:
+    """Raise MetadataError when two prefixes name the same dataset (however spelled: ``a/../a``,
+    a symlink); ``consequence`` says what counting it twice would do."""
+    seen: dict[Path, str] = {}
+    for prefix in prefixes:
+        key = metadata_path(prefix).resolve()
+        if key in seen:
+            raise MetadataError(
+                f"--data-prefix {prefix} names the same dataset as {seen[key]} ({key}): "
+                f"{consequence}; list each dataset once"
+            )
+        seen[key] = str(prefix)
+
+
 def write_metadata(prefix: str | os.PathLike, table: pa.Table) -> Path:
     """Atomically (temporary name, then rename) write the metadata table."""
     path = metadata_path(prefix)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_syne.data.metadata import metadata_path, read_metadata
+from megatron_syne.data.metadata import check_distinct_datasets, metadata_path, read_metadata
 from megatron_syne.utils.io import commit_file, save_png, temporary_path_for
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
@@ -79,7 +79,7 @@ def ppl_report(
             f"--output-dir {output_dir} is an existing file, not a directory; give a directory "
             "path (it is created if missing)"
         )
-    _check_distinct(data_prefixes)
+    check_distinct_datasets(data_prefixes, "its documents would be counted twice")
     ppl_parts, status_parts, key_parts = [], [], []
     for prefix in data_prefixes:
         table = read_metadata(prefix)
@@ -122,19 +122,6 @@ def ppl_report(
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)
     return groups
-
-
-def _check_distinct(data_prefixes: list[str | os.PathLike]) -> None:
-    """The same dataset named twice would be counted twice: refuse it."""
-    seen: dict[Path, str] = {}
-    for prefix in data_prefixes:
-        key = metadata_path(prefix).resolve()
-        if key in seen:
-            raise ValueError(
-                f"--data-prefix {prefix} names the same dataset as {seen[key]} ({key}); every "
-                "dataset would be counted twice: list each dataset once"
-            )
-        seen[key] = str(prefix)
 
 
 def _check_columns(prefix, columns: list[str], group_by: tuple[str, ...]) -> None:

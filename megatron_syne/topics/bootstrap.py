@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_syne.data.metadata import metadata_path, read_metadata
+from megatron_syne.data.metadata import check_distinct_datasets, read_metadata
 from megatron_syne.topics.documents import decode_documents
 from megatron_syne.topics.labeling import LabelConfig, LabelSummary, label_dataset
 from megatron_syne.topics.seeding import SeedDocument, lexicon_seed_labels
@@ -47,15 +47,7 @@ def bootstrap_topics(
     Writes ``seeds.jsonl`` (+ ``.set_aside.jsonl``) and ``model/`` under ``output_dir``."""
     from megatron_syne.preprocess.tokenizers import load_tokenizer
 
-    seen: dict[Path, str] = {}
-    for prefix in data_prefixes:
-        key = metadata_path(prefix).resolve()
-        if key in seen:
-            raise ValueError(
-                f"data prefix {prefix} names the same dataset as {seen[key]}: its documents would "
-                "be sampled twice; list each dataset once"
-            )
-        seen[key] = str(prefix)
+    check_distinct_datasets(data_prefixes, "its documents would be sampled twice")
     taxonomy = taxonomy or load_taxonomy()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
