@@ -525,11 +525,11 @@ def offline_update(
     return new_weights, rows
 
 
-def _relocated_data_root(spec, data: dict, output: Path) -> dict:
+def _relocated_data_root(spec, data: dict, output: Path, data_root=None) -> dict:
     """``data`` with ``data_root`` set so that relative source paths resolve from ``output``'s
     directory to the same data as from the original spec's (a spec's implicit data root is its
-    own directory)."""
-    source_root = spec.resolved_data_root(None).resolve()
+    own directory), or to ``data_root`` (``--data-root``) when given."""
+    source_root = spec.resolved_data_root(data_root).resolve()
     out_dir = output.resolve().parent
     current = spec.data_root
     if (out_dir / current if current else out_dir).resolve() == source_root:
@@ -557,10 +557,10 @@ def write_updated_spec(
 ) -> None:
     """Copy the spec YAML with ``topic_weights`` of the adjusted sources replaced.
 
-    Without ``data_root`` (``--data-root``), the copy's ``data_root`` is rewritten where needed
-    so its relative source paths still find the data from the output's directory. The copy is
-    checked as ``plan.py`` would (it must parse, and resolve on the data to the same mixer
-    components) before it is written (atomically).
+    The copy's ``data_root`` is rewritten where needed so its relative source paths find the
+    data (the original's, or ``data_root``: ``--data-root``) from the output's directory. The
+    copy is checked as ``plan.py`` would (it must parse, and resolve on the data to the same
+    mixer components) before it is written (atomically).
     """
     import yaml
 
@@ -590,14 +590,15 @@ def write_updated_spec(
         if sources[source].get("topics") and not merges_rare_topics:
             # With rare topics merged, "other" stands for several listed topics: keep the list.
             sources[source]["topics"] = list(rounded)
-    if data_root is None:
-        data = _relocated_data_root(spec, data, output)
+    # The copy records where its data is (the original's root, or --data-root), so plan.py and
+    # training find it from the output's directory without --data-root.
+    data = _relocated_data_root(spec, data, output, data_root)
     what = f"the next round's spec for {output}"
     try:
         written = parse_spec(data, str(output))
     except SpecError as exc:
         raise SpecError(f"{exc} (in {what}; not written)") from None
-    _, groups = _resolve_for_mixer(written, data_root, f"checking {what}")
+    _, groups = _resolve_for_mixer(written, None, f"checking {what}")
     adjusted = {c for names in groups.values() for c in names}
     if not set(new_weights) <= adjusted:
         raise SpecError(

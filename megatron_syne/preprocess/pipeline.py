@@ -724,7 +724,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
         unread_fraction = total.unread_bytes / total_bytes if total_bytes else 0.0
         if max(fraction, unread_fraction) > config.max_reject_fraction:
             _concatenate_rejects(unit_rejects, [], config.rejects_path)
-            stale = _remove_final_outputs(config)
+            stale = _set_aside_final_outputs(config)
             reasons = ", ".join(f"{r}={c}" for r, c in sorted(total.rejects.items()))
             what = f"{rejected} of {total.records} input records rejected ({fraction:.2%})"
             if total.unread_bytes:
@@ -738,8 +738,9 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 f"see {config.rejects_path}. Fix the inputs or raise --max-reject-fraction; "
                 f"finished units are kept in {parts_dir} and reused by the next run"
                 + (
-                    f". Removed the outputs of an earlier run at this prefix ({', '.join(stale)}) "
-                    "so they cannot be taken for this run's"
+                    ". The dataset an earlier run left at this prefix was renamed "
+                    f"({', '.join(stale)}) so it cannot be taken for this run's output; rename "
+                    "it back to use it"
                     if stale
                     else ""
                 )
@@ -776,16 +777,18 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
     )
 
 
-def _remove_final_outputs(config: PreprocessConfig) -> list[str]:
-    """Delete the dataset files an earlier run left at this prefix; their names."""
-    removed = []
+def _set_aside_final_outputs(config: PreprocessConfig) -> list[str]:
+    """Rename the dataset files an earlier run left at this prefix to ``<name>.previous`` (so
+    they are neither taken for this failed run's output nor lost); their new names."""
+    moved = []
     for key in config.json_keys:
         prefix = config.dataset_prefix(key)
         for path in (bin_path(prefix), idx_path(prefix), metadata_path(prefix)):
             if path.is_file():
-                path.unlink()
-                removed.append(path.name)
-    return removed
+                target = path.with_name(path.name + ".previous")
+                os.replace(path, target)
+                moved.append(target.name)
+    return moved
 
 
 def _kept_characters(prefixes: list[str], keep: list[np.ndarray]) -> int:

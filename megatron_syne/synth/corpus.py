@@ -46,11 +46,11 @@ def to_corpus(
     output = Path(output)
     rejects = Path(rejects) if rejects else output.with_name(output.stem + ".rejects.jsonl")
     if output.resolve() == rejects.resolve():
-        raise ValueError(f"to_corpus: --rejects {rejects} is the --output file; give another name")
+        raise ValueError(f"--rejects {rejects} is the --output file; give another name")
     for path in inputs:
         if Path(path).resolve() in (output.resolve(), rejects.resolve()):
             raise ValueError(
-                f"to_corpus: input {path} would be overwritten by the output or rejects file "
+                f"input {path} would be overwritten by the output or rejects file "
                 "(it holds the generator's items and resume state); write elsewhere"
             )
     skipped: Counter[str] = Counter()
@@ -70,7 +70,7 @@ def to_corpus(
         for path in inputs:
             path = Path(path)
             if not path.is_file():
-                raise FileNotFoundError(f"to_corpus: input {path} does not exist")
+                raise FileNotFoundError(f"input {path} does not exist")
             with open(path, "rb") as f:
                 for line_no, data in enumerate(f, 1):
                     where = f"{path}:{line_no}"

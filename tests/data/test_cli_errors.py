@@ -184,11 +184,18 @@ def _link_corpus(corpus: Path, into: Path) -> Path:
     return into
 
 
-@pytest.mark.parametrize("layout", ["implicit", "relative"])
+@pytest.mark.parametrize("layout", ["implicit", "relative", "flag"])
 def test_update_output_in_another_directory_still_finds_the_data(corpus, tmp_path, capsys, layout):
+    extra = ()
     if layout == "implicit":  # no data_root: relative paths live beside the spec
         spec_dir = _link_corpus(corpus, tmp_path / "data")
         data = dict(SPEC)
+    elif layout == "flag":  # the data elsewhere, named by --data-root only
+        _link_corpus(corpus, tmp_path / "data")
+        spec_dir = tmp_path / "specs"
+        spec_dir.mkdir()
+        data = dict(SPEC)
+        extra = ("--data-root", str(tmp_path / "data"))
     else:  # data_root relative to the spec
         _link_corpus(corpus, tmp_path / "data")
         spec_dir = tmp_path / "round1"
@@ -199,7 +206,7 @@ def test_update_output_in_another_directory_still_finds_the_data(corpus, tmp_pat
     history = tmp_path / "mixer_history.jsonl"
     history.write_text("\n".join(_history_lines()) + "\n")
     output = tmp_path / "rounds" / "two" / "next.yaml"
-    assert _update(spec, history, output) == 0
+    assert _update(spec, history, output, *extra) == 0
     written = yaml.safe_load(output.read_text())
     assert written["data_root"] == "../../data"
     assert written["sources"]["web-zh"]["path"] == "web-zh"

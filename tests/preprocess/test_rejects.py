@@ -158,14 +158,23 @@ def test_corrupt_gzip_keeps_what_decodes(tmp_path):
     assert record["unread_bytes"] == fake.stat().st_size
 
 
-def test_failed_run_removes_an_earlier_runs_outputs(bad_inputs, tmp_path):
+def test_failed_run_sets_an_earlier_runs_outputs_aside(bad_inputs, tmp_path):
     plain, _, lines = bad_inputs
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(GOOD) + "\n")
     run_preprocess(_config([good], tmp_path / "out"))
     assert (tmp_path / "out_text_document.bin").is_file()
-    with pytest.raises(PreprocessError, match="Removed the outputs of an earlier run"):
+    before = (tmp_path / "out_text_document.bin").read_bytes()
+    with pytest.raises(PreprocessError, match="earlier run left at this prefix was renamed"):
         run_preprocess(_config([plain], tmp_path / "out", max_reject_fraction=0.1))
-    # Only this run's rejects are left at the prefix: no dataset from other inputs beside them.
+    # Beside this run's rejects no dataset from other inputs is left under the dataset's name;
+    # the earlier one is kept under .previous names.
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out"))
-    assert left == ["out.parts", "out.rejects.jsonl"]
+    assert left == [
+        "out.parts",
+        "out.rejects.jsonl",
+        "out_text_document.bin.previous",
+        "out_text_document.idx.previous",
+        "out_text_document.meta.parquet.previous",
+    ]
+    assert (tmp_path / "out_text_document.bin.previous").read_bytes() == before

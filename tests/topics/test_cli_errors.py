@@ -208,6 +208,7 @@ def test_seed_labels_llm_exits_non_zero_when_nothing_is_labelled(trained, tmp_pa
     assert "request_failed" in captured.out and "error: no document was labelled" in captured.err
     aside = (tmp_path / "seeds.jsonl.set_aside.jsonl").read_text().splitlines()
     assert [json.loads(r)["reason"] for r in aside] == ["request_failed"] * 2
+    assert not (tmp_path / "seeds.jsonl").exists()  # no empty seeds file that looks finished
 
 
 def test_bootstrap_refuses_the_same_dataset_twice(trained, tmp_path):

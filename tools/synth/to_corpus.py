@@ -14,7 +14,7 @@ import time
 from megatron_syne.synth.corpus import to_corpus
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="outputs of science_qa.py / code_qa.py")
     parser.add_argument("--output", required=True, help="corpus JSONL (written atomically)")
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         s = to_corpus(args.inputs, args.output, args.rejects, args.source, args.include_failing)
     except (ValueError, OSError) as err:
-        raise SystemExit(f"error: {err}") from err
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(
         f"to_corpus: wrote {s.written} documents ({s.chars} chars) to {args.output} in "
         f"{time.monotonic() - start:.1f} s; skipped {sum(s.skipped.values())} "
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
             "rejects file for why)",
             file=sys.stderr,
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -154,11 +154,17 @@ def main(argv=None) -> int:
         result = llm_seed_labels(docs, taxonomy, config, seed=args.seed)
     output = Path(args.output)
     aside = output.with_name(output.name + ".set_aside.jsonl")
-    for path, rows in ((output, result.labelled), (aside, result.set_aside)):
+    # With no label at all the seeds file is not written (an empty one would look like a
+    # finished, useless result); the set-aside file says why each document got none.
+    outputs = [(aside, result.set_aside)]
+    if result.labelled:
+        outputs.insert(0, (output, result.labelled))
+    for path, rows in outputs:
         with atomic_open(path, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"documents: {len(docs)}  labelled: {len(result.labelled)} -> {output}")
+    written = output if result.labelled else "nothing written"
+    print(f"documents: {len(docs)}  labelled: {len(result.labelled)} -> {written}")
     print(f"set aside: {len(result.set_aside)} -> {aside}")
     for key, value in sorted(result.counts.items()):
         print(f"  {key:<34} {value}")
