@@ -756,7 +756,10 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 result = merge_indexed(unit_prefixes[key], config.dataset_prefix(key), keep=keep)
                 # The counts describe what was written: without the dropped duplicates.
                 total.tokens[key] = result.tokens
-                total.characters[key] = _kept_characters(unit_prefixes[key], keep)
+                n_chars = pq.read_table(
+                    metadata_path(config.dataset_prefix(key)), columns=["n_chars"]
+                ).column(0)
+                total.characters[key] = int(n_chars.to_numpy().sum(dtype=np.int64))
     _concatenate_rejects(unit_rejects, duplicates_records, config.rejects_path)
     if not config.keep_partitions:
         # Manifests first: a run killed during this cleanup never leaves a manifest whose
@@ -789,15 +792,6 @@ def _set_aside_final_outputs(config: PreprocessConfig) -> list[str]:
                 os.replace(path, target)
                 moved.append(target.name)
     return moved
-
-
-def _kept_characters(prefixes: list[str], keep: list[np.ndarray]) -> int:
-    """Characters of the documents that ``keep`` selects, from the units' ``n_chars``."""
-    total = 0
-    for prefix, mask in zip(prefixes, keep):
-        n_chars = pq.read_table(metadata_path(prefix), columns=["n_chars"]).column(0)
-        total += int(n_chars.to_numpy()[mask].sum(dtype=np.int64))
-    return total
 
 
 def _concatenate_rejects(parts: list[Path], extra: list[dict], final: Path) -> None:
